@@ -1,0 +1,486 @@
+"""The local store: an OCI image layout that imgpack and any OCI tool (skopeo, oras) can read.
+
+Layout::
+
+    <root>/oci-layout                    {"imageLayoutVersion": "1.0.0"}
+    <root>/index.json                    one entry per tagged model, ref.name = full reference
+    <root>/blobs/sha256/<hex>            content-addressed blobs (tensors, files, configs, manifests)
+    <root>/.imgpack/ingest/              temp files and resumable partial downloads (same filesystem)
+    <root>/.imgpack/lock, gc.lock        index writers and garbage collection serialise on these
+
+Blobs are written to a temp file, hashed on the way in and renamed into place, so a blob path always holds
+exactly the bytes its name promises. ``index.json`` is replaced atomically under an exclusive lock, and a
+manifest is only indexed after every blob it references is present with the right size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from imgpack.schemas import spec
+from imgpack.schemas.digest import check_digest, sha256_bytes
+from imgpack.schemas.errors import ImgpackError, IntegrityError, NotFoundError
+from imgpack.schemas.manifest import ModelManifest
+from imgpack.schemas.reference import Reference
+from imgpack.schemas.tensorblob import read_header
+
+OCI_LAYOUT = {"imageLayoutVersion": "1.0.0"}
+CHUNK = 4 * 1024 * 1024
+
+
+def default_root() -> Path:
+    """``$IMGPACK_HOME``, else ``~/.imgpack``."""
+    env = os.environ.get("IMGPACK_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".imgpack"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new content, never a mix."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class BlobWriter:
+    """Streams bytes into a temp file while hashing them; ``commit`` verifies and renames into place."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        fd, path = tempfile.mkstemp(prefix=f"tmp-{os.getpid()}-", dir=store.ingest_dir)
+        self.path = Path(path)
+        self._file = os.fdopen(fd, "wb")
+        self._hasher = hashlib.sha256()
+        self.size = 0
+        self.digest: str | None = None
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._hasher.update(data)
+        self._file.write(data)
+        self.size += len(data)
+
+    def current_digest(self) -> str:
+        """Digest of the bytes written so far."""
+        return "sha256:" + self._hasher.hexdigest()
+
+    def commit(self, expected_digest: str | None = None, expected_size: int | None = None) -> str:
+        self._file.close()
+        digest = "sha256:" + self._hasher.hexdigest()
+        if expected_size is not None and self.size != expected_size:
+            self.abort()
+            raise IntegrityError(f"blob {expected_digest or digest}: got {self.size} bytes, expected {expected_size}")
+        if expected_digest is not None and digest != expected_digest:
+            self.abort()
+            raise IntegrityError(f"blob {expected_digest}: content hashes to {digest}")
+        self._store.adopt(self.path, digest, self.size)
+        self.digest = digest
+        return digest
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self.digest is None:
+            self.abort()
+
+
+@dataclass
+class VerifyReport:
+    manifests: int = 0
+    blobs: int = 0
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class Store:
+    """An OCI image layout used as imgpack's local model store (or any ``oci:PATH`` layout)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.blobs_dir = self.root / "blobs" / "sha256"
+        self.state_dir = self.root / ".imgpack"
+        self.ingest_dir = self.state_dir / "ingest"
+        self._local = threading.local()
+
+    # -- opening ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path | None = None, create: bool = True) -> Store:
+        """Open the store at ``path`` (default: ``$IMGPACK_HOME`` or ``~/.imgpack``), creating it if asked."""
+        root = Path(path).expanduser() if path else default_root()
+        store = cls(root)
+        if (root / "oci-layout").exists():
+            store._check_layout()
+            if create:
+                store._ensure_state_dirs()
+            return store
+        if not create:
+            raise NotFoundError(f"{root}: not an OCI image layout (no oci-layout file)")
+        if root.exists() and not root.is_dir():
+            raise ImgpackError(f"{root}: store path exists and is not a directory")
+        if root.exists() and any(p.name not in (".imgpack",) for p in root.iterdir()):
+            raise ImgpackError(f"{root}: directory is not empty and is not an OCI image layout")
+        root.mkdir(parents=True, exist_ok=True)
+        store._ensure_state_dirs()
+        with store.locked():
+            if not (root / "index.json").exists():
+                write_atomic(root / "index.json", _encode_index({"schemaVersion": 2, "manifests": []}))
+            if not (root / "oci-layout").exists():
+                write_atomic(root / "oci-layout", json.dumps(OCI_LAYOUT).encode())
+        return store
+
+    def _check_layout(self) -> None:
+        try:
+            layout = json.loads((self.root / "oci-layout").read_text())
+        except (OSError, ValueError) as e:
+            raise IntegrityError(f"{self.root / 'oci-layout'}: unreadable: {e}") from None
+        if not isinstance(layout, dict) or layout.get("imageLayoutVersion") != "1.0.0":
+            raise IntegrityError(f"{self.root / 'oci-layout'}: unsupported imageLayoutVersion")
+
+    def _ensure_state_dirs(self) -> None:
+        self.blobs_dir.mkdir(parents=True, exist_ok=True)
+        self.ingest_dir.mkdir(parents=True, exist_ok=True)
+        self._clean_stale_temps()
+
+    def _clean_stale_temps(self) -> None:
+        """Remove temp files left by processes that died (kill -9); partial downloads are kept for resume."""
+        for path in self.ingest_dir.glob("tmp-*"):
+            try:
+                pid = int(path.name.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            if pid != os.getpid() and not _pid_alive(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    # -- locks -----------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _flock(self, name: str, kind: int) -> Iterator[None]:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.state_dir / name, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, kind)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """Exclusive lock for read-modify-write of index.json."""
+        return self._flock("lock", fcntl.LOCK_EX)
+
+    def writing(self) -> contextlib.AbstractContextManager[None]:
+        """Held (shared) by anything that adds blobs before indexing a manifest, so prune never races it."""
+        return self._flock("gc.lock", fcntl.LOCK_SH)
+
+    # -- blobs -----------------------------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path:
+        return self.blobs_dir / check_digest(digest)
+
+    def has_blob(self, digest: str, size: int | None = None) -> bool:
+        try:
+            st = os.stat(self.blob_path(digest))
+        except FileNotFoundError:
+            return False
+        return size is None or st.st_size == size
+
+    def blob_size(self, digest: str) -> int:
+        try:
+            return os.stat(self.blob_path(digest)).st_size
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {digest} is not in the store {self.root}") from None
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        try:
+            return open(self.blob_path(digest), "rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {digest} is not in the store {self.root}") from None
+
+    def read_blob(self, digest: str, verify: bool = True) -> bytes:
+        with self.open_blob(digest) as f:
+            data = f.read()
+        if verify and sha256_bytes(data) != digest:
+            raise IntegrityError(f"blob {digest} in {self.root} is corrupt (content does not match its digest)")
+        return data
+
+    def put_bytes(self, data: bytes) -> tuple[str, int]:
+        digest = sha256_bytes(data)
+        if not self.has_blob(digest, len(data)):
+            with self.writer() as w:
+                w.write(data)
+                w.commit(digest, len(data))
+        return digest, len(data)
+
+    def writer(self) -> BlobWriter:
+        self.ingest_dir.mkdir(parents=True, exist_ok=True)
+        return BlobWriter(self)
+
+    def partial_path(self, digest: str) -> Path:
+        """Where a resumable download of ``digest`` keeps its bytes until verified."""
+        return self.ingest_dir / f"sha256-{check_digest(digest)}.partial"
+
+    def adopt(self, path: Path, digest: str, size: int) -> None:
+        """Move a file whose content was already verified as ``digest`` into the blob directory."""
+        target = self.blob_path(digest)
+        if target.exists() and target.stat().st_size == size:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        os.chmod(path, 0o644)
+        os.replace(path, target)
+
+    def iter_blobs(self) -> Iterator[str]:
+        for path in self.blobs_dir.iterdir():
+            if len(path.name) == 64:
+                yield "sha256:" + path.name
+
+    # -- index -----------------------------------------------------------------------------------------
+
+    def _read_index(self) -> dict:
+        path = self.root / "index.json"
+        try:
+            index = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise NotFoundError(f"{path}: missing; {self.root} is not an OCI image layout") from None
+        except ValueError as e:
+            raise IntegrityError(f"{path}: not valid JSON: {e}") from None
+        if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
+            raise IntegrityError(f"{path}: has no 'manifests' list")
+        return index
+
+    def _write_index(self, index: dict) -> None:
+        write_atomic(self.root / "index.json", _encode_index(index))
+
+    def list(self) -> list[tuple[str, str]]:
+        """(reference, manifest digest) for every tagged model, sorted by reference."""
+        out = []
+        for entry in self._read_index()["manifests"]:
+            ref = (entry.get("annotations") or {}).get(spec.REF_NAME_ANNOTATION)
+            if ref:
+                out.append((ref, entry["digest"]))
+        return sorted(out)
+
+    def resolve(self, ref: str | Reference) -> tuple[Reference, str]:
+        """Find the manifest digest a reference names; a digest reference must name a stored manifest."""
+        parsed = ref if isinstance(ref, Reference) else Reference.parse(ref)
+        if parsed.tag is not None:
+            key = str(parsed.with_tag(parsed.tag))
+            for name, digest in self.list():
+                if name == key:
+                    if parsed.digest and parsed.digest != digest:
+                        raise NotFoundError(f"{parsed}: tag {key} points at {digest}, not {parsed.digest}")
+                    return parsed, digest
+            if parsed.digest is None:
+                raise NotFoundError(f"model {key} is not in the store {self.root} (see 'imgpack list')")
+        if parsed.digest and self.has_blob(parsed.digest):
+            return parsed, parsed.digest
+        raise NotFoundError(f"model {parsed} is not in the store {self.root} (see 'imgpack list')")
+
+    def get_manifest(self, ref: str | Reference) -> ModelManifest:
+        parsed, digest = self.resolve(ref)
+        return self.manifest_by_digest(digest, source=str(parsed))
+
+    def manifest_by_digest(self, digest: str, source: str | None = None) -> ModelManifest:
+        raw = self.read_blob(digest)
+        return ModelManifest.from_bytes(raw, source=source or digest)
+
+    def put_manifest(self, ref: str | Reference | None, raw: bytes) -> str:
+        """Store manifest bytes verbatim and tag them; refused unless every referenced blob is present."""
+        manifest = ModelManifest.from_bytes(raw, source=str(ref) if ref else "manifest")
+        for blob in manifest.blobs:
+            if not self.has_blob(blob.digest):
+                what = f"layer {blob.name!r}" if blob.name else "config"
+                raise IntegrityError(f"{manifest.source}: {what} blob {blob.digest} is missing from the store")
+            actual = self.blob_size(blob.digest)
+            if actual != blob.size:
+                what = f"layer {blob.name!r}" if blob.name else "config"
+                raise IntegrityError(
+                    f"{manifest.source}: {what} blob {blob.digest} is {actual} bytes, manifest says {blob.size}"
+                )
+        digest, _ = self.put_bytes(raw)
+        if ref is not None:
+            parsed = ref if isinstance(ref, Reference) else Reference.parse(ref)
+            self._set_ref(parsed, digest, manifest)
+        return digest
+
+    def _set_ref(self, ref: Reference, digest: str, manifest: ModelManifest) -> None:
+        key = str(ref.with_tag(ref.tag or "latest"))
+        entry: dict = {"mediaType": manifest.media_type, "digest": digest, "size": len(manifest.raw)}
+        if manifest.flavour == "oci":
+            entry["artifactType"] = spec.ARTIFACT_TYPE
+        entry["annotations"] = {spec.REF_NAME_ANNOTATION: key}
+        with self.locked():
+            index = self._read_index()
+            kept = [
+                e for e in index["manifests"] if (e.get("annotations") or {}).get(spec.REF_NAME_ANNOTATION) != key
+            ]
+            kept.append(entry)
+            kept.sort(key=lambda e: (e.get("annotations") or {}).get(spec.REF_NAME_ANNOTATION, ""))
+            index["manifests"] = kept
+            self._write_index(index)
+
+    def tag(self, src: str, dst: str) -> str:
+        parsed_dst = Reference.parse(dst)
+        if parsed_dst.digest:
+            raise ImgpackError(f"{dst}: a tag target cannot contain a digest")
+        _, digest = self.resolve(src)
+        manifest = self.manifest_by_digest(digest, source=src)
+        self._set_ref(parsed_dst, digest, manifest)
+        return digest
+
+    def remove(self, ref: str) -> str:
+        """Untag a model; its blobs stay until ``prune``."""
+        parsed, digest = self.resolve(ref)
+        key = str(parsed.with_tag(parsed.tag or "latest"))
+        with self.locked():
+            index = self._read_index()
+            kept = [
+                e for e in index["manifests"] if (e.get("annotations") or {}).get(spec.REF_NAME_ANNOTATION) != key
+            ]
+            if len(kept) == len(index["manifests"]):
+                raise NotFoundError(f"model {key} is not tagged in the store {self.root}")
+            index["manifests"] = kept
+            self._write_index(index)
+        return digest
+
+    # -- maintenance ---------------------------------------------------------------------------------------
+
+    def referenced_blobs(self) -> set[str]:
+        """Every blob some indexed manifest needs, the manifests themselves included."""
+        keep: set[str] = set()
+        for entry in self._read_index()["manifests"]:
+            digest = entry["digest"]
+            keep.add(digest)
+            try:
+                manifest = self.manifest_by_digest(digest)
+            except (ImgpackError, OSError):
+                continue
+            keep.update(b.digest for b in manifest.blobs)
+        return keep
+
+    def prune(self) -> tuple[int, int]:
+        """Delete blobs no indexed manifest references, and stale partial downloads; returns (count, bytes)."""
+        removed = freed = 0
+        with self._flock("gc.lock", fcntl.LOCK_EX), self.locked():
+            keep = self.referenced_blobs()
+            for digest in list(self.iter_blobs()):
+                if digest not in keep:
+                    path = self.blob_path(digest)
+                    with contextlib.suppress(FileNotFoundError):
+                        freed += path.stat().st_size
+                        path.unlink()
+                        removed += 1
+            for path in self.ingest_dir.glob("*"):
+                with contextlib.suppress(FileNotFoundError):
+                    freed += path.stat().st_size
+                    path.unlink()
+                    removed += 1
+        return removed, freed
+
+    def verify(self, ref: str | None = None, workers: int | None = None) -> VerifyReport:
+        """Re-hash every blob of one model (or all), validate manifests and tensor headers."""
+        report = VerifyReport()
+        targets: list[tuple[str, str]] = []
+        if ref is not None:
+            parsed, digest = self.resolve(ref)
+            targets.append((str(parsed), digest))
+        else:
+            targets = self.list()
+        blobs: dict[str, tuple[str, object]] = {}
+        for name, digest in targets:
+            report.manifests += 1
+            try:
+                manifest = self.manifest_by_digest(digest, source=name)
+            except ImgpackError as e:
+                report.problems.append(str(e))
+                continue
+            for blob in manifest.blobs:
+                blobs.setdefault(blob.digest, (name, blob))
+
+        def check(item: tuple[str, tuple[str, object]]) -> str | None:
+            digest, (model, blob) = item
+            label = f"{model}: layer {blob.name!r}" if blob.name else f"{model}: config"  # type: ignore[attr-defined]
+            return self._check_blob(digest, blob, label)  # type: ignore[arg-type]
+
+        with ThreadPoolExecutor(max_workers=workers or min(4, (os.cpu_count() or 2))) as pool:
+            for problem in pool.map(check, sorted(blobs.items())):
+                if problem:
+                    report.problems.append(problem)
+        report.blobs = len(blobs)
+        report.bytes = sum(b.size for _, b in blobs.values())  # type: ignore[attr-defined]
+        return report
+
+    def _check_blob(self, digest: str, blob, label: str) -> str | None:
+        path = self.blob_path(digest)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return f"{label}: blob {digest} is missing"
+        if size != blob.size:
+            return f"{label}: blob {digest} is {size} bytes, manifest says {blob.size}"
+        hasher = hashlib.sha256()
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                hasher.update(view[:n])
+        if "sha256:" + hasher.hexdigest() != digest:
+            return f"{label}: blob {digest} is corrupt (content hashes to sha256:{hasher.hexdigest()})"
+        if blob.media_type == spec.TENSOR_MEDIA_TYPE:
+            try:
+                with open(path, "rb") as f:
+                    header = read_header(f, size, label)
+            except ImgpackError as e:
+                return str(e)
+            if header.dtype != blob.dtype or header.shape != blob.shape:
+                return (
+                    f"{label}: blob header says {header.dtype} {header.shape},"
+                    f" manifest says {blob.dtype} {blob.shape}"
+                )
+        return None
+
+
+def _encode_index(index: dict) -> bytes:
+    return (json.dumps(index, indent=2) + "\n").encode()
+
