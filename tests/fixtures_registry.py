@@ -1,0 +1,525 @@
+"""Real registries for tests: Debian's ``docker-registry`` (distribution 2.8) on loopback.
+
+Three configurations: open, htpasswd (bcrypt) and token auth (a small token server here signs
+RS256 JWTs with an ``x5c`` header; the registry trusts the certificate via ``rootcertbundle``).
+A fault-injecting proxy sits between client and registry when a test wants failures.
+
+Every wait here is bounded in time; servers are stopped when their fixture ends.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+
+REGISTRY_BIN = shutil.which("docker-registry")
+USER, PASSWORD = "alice", "s3cret-pass-1"
+TOKEN_SERVICE, TOKEN_ISSUER = "imgpack-test-registry", "imgpack-test-issuer"
+STARTUP_TIMEOUT_S = 15.0
+
+needs_registry = pytest.mark.skipif(REGISTRY_BIN is None, reason="docker-registry (Debian package) not installed")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _yaml(value: object, indent: int = 0) -> str:
+    """Tiny YAML emitter for the registry config (nested dicts, lists of scalars, scalars)."""
+    pad = "  " * indent
+    lines: list[str] = []
+    assert isinstance(value, dict)
+    for key, item in value.items():
+        if isinstance(item, dict):
+            lines.append(f"{pad}{key}:")
+            lines.append(_yaml(item, indent + 1))
+        elif isinstance(item, list):
+            lines.append(f"{pad}{key}: [{', '.join(json.dumps(v) for v in item)}]")
+        else:
+            lines.append(f"{pad}{key}: {json.dumps(item)}")
+    return "\n".join(lines)
+
+
+@dataclass
+class RegistryServer:
+    """A running docker-registry process."""
+
+    root: Path
+    port: int
+    process: subprocess.Popen
+    auth: str  # "open" | "htpasswd" | "token"
+    token_server: TokenServer | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+    def blob_files(self) -> list[Path]:
+        return sorted((self.root / "storage").rglob("data"))
+
+
+def start_registry(root: Path, auth: str = "open", token_server: TokenServer | None = None) -> RegistryServer:
+    """Start docker-registry with storage under ``root``; wait until /v2/ answers."""
+    if REGISTRY_BIN is None:
+        pytest.skip("docker-registry not installed")
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config: dict = {
+        "version": 0.1,
+        "log": {"level": "error", "accesslog": {"disabled": True}},
+        "storage": {"filesystem": {"rootdirectory": str(root / "storage")}, "delete": {"enabled": True}},
+        "http": {"addr": f"127.0.0.1:{port}", "secret": uuid.uuid4().hex},
+    }
+    if auth == "htpasswd":
+        import bcrypt
+
+        hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+        (root / "htpasswd").write_text(f"{USER}:{hashed}\n")
+        config["auth"] = {"htpasswd": {"realm": "imgpack-test", "path": str(root / "htpasswd")}}
+    elif auth == "token":
+        assert token_server is not None
+        (root / "token-cert.pem").write_bytes(token_server.cert_pem)
+        config["auth"] = {
+            "token": {
+                "realm": f"{token_server.url}/token",
+                "service": TOKEN_SERVICE,
+                "issuer": TOKEN_ISSUER,
+                "rootcertbundle": str(root / "token-cert.pem"),
+            }
+        }
+    (root / "config.yml").write_text(_yaml(config) + "\n")
+    log = open(root / "registry.log", "wb")  # noqa: SIM115 - closed with the process
+    process = subprocess.Popen(
+        [REGISTRY_BIN, "serve", str(root / "config.yml")], stdout=log, stderr=subprocess.STDOUT, cwd=root
+    )
+    log.close()
+    server = RegistryServer(root=root, port=port, process=process, auth=auth, token_server=token_server)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"docker-registry exited: {(root / 'registry.log').read_text()[-2000:]}")
+        try:
+            if requests.get(f"{server.url}/v2/", timeout=1).status_code in (200, 401):
+                return server
+        except requests.RequestException:
+            pass
+        time.sleep(0.05)
+    server.stop()
+    raise RuntimeError("docker-registry did not come up in time")
+
+
+# ---------------------------------------------------------------------------------------------
+# Token server
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+class TokenServer:
+    """Issues registry JWTs the way distribution's token auth expects them.
+
+    Users in ``users`` get every action they ask for; anonymous callers get ``pull`` only when
+    ``anonymous_pull`` is set.  ``requests`` records (user, scopes) per token issued.
+    """
+
+    def __init__(self, users: dict[str, str] | None = None, lifetime_s: int = 300, anonymous_pull: bool = False):
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import NameOID
+
+        self.users = dict(users or {USER: PASSWORD})
+        self.refresh_tokens: dict[str, str] = {"refresh-" + u: u for u in self.users}
+        self.lifetime_s = lifetime_s
+        self.anonymous_pull = anonymous_pull
+        self.requests: list[tuple[str | None, list[str]]] = []
+        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "imgpack test token signer")])
+        now = time.time()
+        import datetime as dt
+
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(dt.datetime.fromtimestamp(now - 3600, dt.timezone.utc))
+            .not_valid_after(dt.datetime.fromtimestamp(now + 86400, dt.timezone.utc))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self._key, hashes.SHA256())
+        )
+        self._cert_der = cert.public_bytes(serialization.Encoding.DER)
+        self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def sign(self, user: str | None, access: list[dict]) -> str:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(self._cert_der).decode("ascii")]}
+        claims = {
+            "iss": TOKEN_ISSUER,
+            "sub": user or "",
+            "aud": TOKEN_SERVICE,
+            "exp": now + self.lifetime_s,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": uuid.uuid4().hex,
+            "access": access,
+        }
+        signing_input = _b64url(json.dumps(header).encode()) + "." + _b64url(json.dumps(claims).encode())
+        signature = self._key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return signing_input + "." + _b64url(signature)
+
+    def grant(self, user: str | None, scopes: list[str]) -> list[dict]:
+        access = []
+        for scope in scopes:
+            parts = scope.split(":")
+            if len(parts) < 3 or parts[0] != "repository":
+                continue
+            name, actions = ":".join(parts[1:-1]), parts[-1].split(",")
+            allowed = actions if user else (["pull"] if self.anonymous_pull and "pull" in actions else [])
+            if allowed:
+                access.append({"type": "repository", "name": name, "actions": allowed})
+        return access
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _reply(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _issue(self, user: str | None, scopes: list[str], service: str | None) -> None:
+                if service != TOKEN_SERVICE:
+                    self._reply(400, {"error": "unknown service"})
+                    return
+                server.requests.append((user, scopes))
+                token = server.sign(user, server.grant(user, scopes))
+                self._reply(200, {"token": token, "access_token": token, "expires_in": server.lifetime_s})
+
+            def do_GET(self) -> None:  # noqa: N802
+                parsed = urllib.parse.urlsplit(self.path)
+                query = urllib.parse.parse_qs(parsed.query)
+                user = None
+                header = self.headers.get("Authorization", "")
+                if header.startswith("Basic "):
+                    name, _, password = base64.b64decode(header[6:]).decode().partition(":")
+                    if server.users.get(name) != password:
+                        self._reply(401, {"error": "bad credentials"})
+                        return
+                    user = name
+                self._issue(user, query.get("scope", []), (query.get("service") or [None])[0])
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+                refresh = (form.get("refresh_token") or [""])[0]
+                user = server.refresh_tokens.get(refresh)
+                if (form.get("grant_type") or [""])[0] != "refresh_token" or user is None:
+                    self._reply(401, {"error": "invalid refresh token"})
+                    return
+                scopes = " ".join(form.get("scope", [])).split()
+                self._issue(user, scopes, (form.get("service") or [None])[0])
+
+        return Handler
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault-injecting proxy
+
+
+@dataclass
+class Fault:
+    """Applied to the next ``times`` requests whose method and path match.
+
+    kinds: ``status`` (answer ``arg`` without forwarding), ``429`` (Retry-After: ``arg``),
+    ``reset`` (half the body then TCP RST), ``truncate`` (half the body then close),
+    ``flip`` (one byte changed), ``stall`` (half the body then sleep ``arg`` s), ``throttle``
+    (body at ``arg`` bytes/s), ``redirect`` (307 to the proxy's blob store on another host name).
+    """
+
+    method: str
+    path: str
+    kind: str
+    times: int = 1
+    arg: float = 0
+    hits: int = 0
+
+
+@dataclass
+class LoggedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+    host: str
+
+
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization"}
+
+
+@dataclass
+class FaultProxy:
+    """HTTP proxy in front of a registry that injects faults and logs requests."""
+
+    upstream: RegistryServer
+    upstream_auth: str | None = None
+    faults: list[Fault] = field(default_factory=list)
+    log: list[LoggedRequest] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1]
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def add(self, method: str, path: str, kind: str, times: int = 1, arg: float = 0) -> Fault:
+        fault = Fault(method, path, kind, times, arg)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def _match(self, method: str, path: str) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.hits < fault.times and fault.method == method and re.search(fault.path, path):
+                    fault.hits += 1
+                    return fault
+        return None
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
+
+            def _forward(self, method: str, path: str, body: bytes, extra: dict[str, str] | None = None):
+                conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
+                headers.update(extra or {})
+                conn.request(method, path, body=body or None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read() if method != "HEAD" else b""
+                conn.close()
+                return resp.status, resp.getheaders(), data
+
+            def _send(self, status: int, headers: list[tuple[str, str]], data: bytes, fault: Fault | None):
+                self.send_response(status)
+                for key, value in headers:
+                    if key.lower() not in HOP_HEADERS and key.lower() != "content-length":
+                        self.send_header(key, value)
+                length = dict((k.lower(), v) for k, v in headers).get("content-length")
+                if self.command != "HEAD" or length is None:
+                    length = str(len(data))
+                self.send_header("Content-Length", length)
+                kind = fault.kind if fault else None
+                if kind in ("reset", "truncate", "stall"):
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                if self.command == "HEAD":
+                    return
+                if kind == "flip" and data:
+                    middle = len(data) // 2
+                    data = data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]
+                if kind in ("reset", "truncate", "stall"):
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    if kind == "stall":
+                        time.sleep(fault.arg or 5)
+                    if kind == "reset":
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    return
+                if kind == "throttle":
+                    step = max(1, int(fault.arg) // 20)
+                    for start in range(0, len(data), step):
+                        self.wfile.write(data[start : start + step])
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                    return
+                self.wfile.write(data)
+
+            def _handle(self) -> None:
+                method, path = self.command, self.path
+                host = self.headers.get("Host", "")
+                body = self._body()
+                with proxy._lock:
+                    proxy.log.append(LoggedRequest(method, path, dict(self.headers.items()), host))
+                if path.startswith("/_blobstore/"):
+                    real = path[len("/_blobstore") :].split("?", 1)[0]
+                    extra = {"Authorization": proxy.upstream_auth} if proxy.upstream_auth else {}
+                    status, headers, data = self._forward(method, real, b"", extra)
+                    self._send(status, headers, data, None)
+                    return
+                fault = proxy._match(method, path)
+                if fault and fault.kind == "status":
+                    self._send(int(fault.arg), [("Content-Type", "application/json")], b'{"errors":[]}', None)
+                    return
+                if fault and fault.kind == "429":
+                    self._send(429, [("Retry-After", str(int(fault.arg)))], b"", None)
+                    return
+                if fault and fault.kind == "redirect":
+                    location = f"http://localhost:{proxy.port}/_blobstore{path}?X-Amz-Signature=s3kr1t"
+                    self._send(307, [("Location", location)], b"", None)
+                    return
+                status, headers, data = self._forward(method, path, body)
+                self._send(status, headers, data, fault)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle  # noqa: N815
+
+        return Handler
+
+
+# ---------------------------------------------------------------------------------------------
+# pytest fixtures
+
+
+@pytest.fixture(scope="session")
+def open_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    server = start_registry(tmp_path_factory.mktemp("registry-open"), "open")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def htpasswd_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    pytest.importorskip("bcrypt")
+    server = start_registry(tmp_path_factory.mktemp("registry-htpasswd"), "htpasswd")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def token_server() -> Iterator[TokenServer]:
+    server = TokenServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def token_registry(tmp_path_factory: pytest.TempPathFactory, token_server: TokenServer) -> Iterator[RegistryServer]:
+    server = start_registry(tmp_path_factory.mktemp("registry-token"), "token", token_server)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fault_proxy(open_registry: RegistryServer) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(open_registry)
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def isolated_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point imgpack's and docker's credential files at empty temp dirs; clear CI variables."""
+    config = tmp_path / "imgpack-config"
+    docker = tmp_path / "docker-config"
+    config.mkdir()
+    docker.mkdir()
+    monkeypatch.setenv("IMGPACK_CONFIG_DIR", str(config))
+    monkeypatch.setenv("DOCKER_CONFIG", str(docker))
+    for name in ("IMGPACK_REGISTRY", "IMGPACK_REGISTRY_USER", "IMGPACK_REGISTRY_PASSWORD", "IMGPACK_REGISTRY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    return config
+
+
+def basic_header(user: str = USER, password: str = PASSWORD) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+__all__ = [
+    "PASSWORD",
+    "TOKEN_SERVICE",
+    "USER",
+    "Fault",
+    "FaultProxy",
+    "RegistryServer",
+    "TokenServer",
+    "basic_header",
+    "fault_proxy",
+    "free_port",
+    "htpasswd_registry",
+    "isolated_credentials",
+    "needs_registry",
+    "open_registry",
+    "start_registry",
+    "token_registry",
+    "token_server",
+]
