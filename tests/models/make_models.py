@@ -264,7 +264,7 @@ def write_weights(state: dict, out: Path, stem: str, suffix: str, shards: int) -
     target = total / shards
     groups: list[list[str]] = [[] for _ in range(shards)]
     acc = 0
-    for n, size in zip(names, sizes):
+    for n, size in zip(names, sizes, strict=True):
         index = min(shards - 1, int(acc // target))
         groups[index].append(n)
         acc += size
