@@ -1,0 +1,187 @@
+"""The AutoencoderKL decoder (the FLUX VAE Z-Image uses): latents -> RGB, built from ``vae/config.json``.
+
+Only the decoder half is built; encoder tensors in the manifest are never read. Works in NHWC, as MLX
+convolutions do; PyTorch conv weights are transposed on load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from imgpack.runtime.backend import mx, nn
+from imgpack.schemas.errors import ImgpackError
+
+
+@dataclass
+class VAEConfig:
+    latent_channels: int
+    out_channels: int
+    block_out_channels: list[int]
+    layers_per_block: int
+    norm_num_groups: int
+    scaling_factor: float
+    shift_factor: float
+    mid_block_add_attention: bool = True
+    use_post_quant_conv: bool = True
+
+    @property
+    def scale_factor(self) -> int:
+        """Pixels per latent cell along each side."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], where: str = "vae/config.json") -> VAEConfig:
+        if config.get("act_fn", "silu") != "silu":
+            raise ImgpackError(f"{where}: act_fn {config['act_fn']!r} is not supported (only silu)")
+        if config.get("norm_type", "group") != "group":
+            raise ImgpackError(f"{where}: norm_type {config['norm_type']!r} is not supported (only group)")
+        blocks = config.get("up_block_types") or []
+        if any(b != "UpDecoderBlock2D" for b in blocks):
+            raise ImgpackError(f"{where}: up_block_types {blocks} are not supported (only UpDecoderBlock2D)")
+        try:
+            channels = [int(c) for c in config["block_out_channels"]]
+            if blocks and len(blocks) != len(channels):
+                raise ImgpackError(f"{where}: up_block_types and block_out_channels differ in length")
+            return cls(
+                latent_channels=int(config.get("latent_channels", 4)),
+                out_channels=int(config.get("out_channels", 3)),
+                block_out_channels=channels,
+                layers_per_block=int(config.get("layers_per_block", 1)),
+                norm_num_groups=int(config.get("norm_num_groups", 32)),
+                scaling_factor=float(config.get("scaling_factor", 0.18215)),
+                shift_factor=float(config.get("shift_factor") or 0.0),
+                mid_block_add_attention=bool(config.get("mid_block_add_attention", True)),
+                use_post_quant_conv=bool(config.get("use_post_quant_conv", True)),
+            )
+        except KeyError as e:
+            raise ImgpackError(f"{where}: missing field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ImgpackError(f"{where}: bad field value: {e}") from None
+
+
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True, pytorch_compatible=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = group_norm(in_ch, groups)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = group_norm(out_ch, groups)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        if in_ch != out_ch:
+            self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1)
+        self.has_shortcut = in_ch != out_ch
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h = self.conv1(nn.silu(self.norm1(x)))
+        h = self.conv2(nn.silu(self.norm2(h)))
+        return (self.conv_shortcut(x) if self.has_shortcut else x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over all pixels, with a residual connection."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.group_norm = group_norm(channels, groups)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.Linear(channels, channels)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        y = self.group_norm(x).reshape(b, 1, h * w, c)
+        q, k, v = self.to_q(y), self.to_k(y), self.to_v(y)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=c**-0.5)
+        return x + self.to_out(out).reshape(b, h, w, c)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        x = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, h * 2, w * 2, c)
+        return self.conv(x)
+
+
+class UpBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, n_resnets: int, groups: int, upsample: bool) -> None:
+        super().__init__()
+        self.resnets = [ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(n_resnets)]
+        self.upsamplers = [Upsample(out_ch)] if upsample else []
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for resnet in self.resnets:
+            x = resnet(x)
+        for up in self.upsamplers:
+            x = up(x)
+        return x
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, groups: int, attention: bool) -> None:
+        super().__init__()
+        self.resnets = [ResnetBlock(channels, channels, groups), ResnetBlock(channels, channels, groups)]
+        self.attentions = [AttentionBlock(channels, groups)] if attention else []
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.resnets[0](x)
+        for attn in self.attentions:
+            x = attn(x)
+        return self.resnets[1](x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        channels = list(reversed(cfg.block_out_channels))
+        groups = cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.latent_channels, channels[0], 3, padding=1)
+        self.mid_block = MidBlock(channels[0], groups, cfg.mid_block_add_attention)
+        self.up_blocks = [
+            UpBlock(
+                channels[max(i - 1, 0)], ch, cfg.layers_per_block + 1, groups, upsample=i < len(channels) - 1
+            )
+            for i, ch in enumerate(channels)
+        ]
+        self.conv_norm_out = group_norm(channels[-1], groups)
+        self.conv_out = nn.Conv2d(channels[-1], cfg.out_channels, 3, padding=1)
+
+    def __call__(self, z: mx.array) -> mx.array:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+class VAEDecoder(nn.Module):
+    """Latents (batch, channels, h, w) as the transformer makes them -> images (batch, H, W, 3) in [-1, 1]."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.decoder = Decoder(cfg)
+        if cfg.use_post_quant_conv:
+            self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+
+    def __call__(self, latents: mx.array) -> mx.array:
+        cfg = self.config
+        dtype = self.decoder.conv_in.weight.dtype
+        z = (latents / cfg.scaling_factor + cfg.shift_factor).transpose(0, 2, 3, 1).astype(dtype)
+        if cfg.use_post_quant_conv:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def param_name(self, key: str) -> str | None:
+        if key.startswith(("encoder.", "quant_conv.")):
+            return None
+        if key.startswith("post_quant_conv.") and not self.config.use_post_quant_conv:
+            return None
+        return key.replace(".to_out.0.", ".to_out.")
