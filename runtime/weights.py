@@ -148,7 +148,9 @@ class ModelSource:
         try:
             loaded = mx.load(str(path), format="safetensors")
         except Exception as e:
-            raise IntegrityError(f"{self.where}: tensor {layer.name!r}: blob {layer.digest} is unreadable: {e}") from None
+            raise IntegrityError(
+                f"{self.where}: tensor {layer.name!r}: blob {layer.digest} is unreadable: {e}"
+            ) from None
         if len(loaded) != 1:
             raise IntegrityError(
                 f"{self.where}: tensor {layer.name!r}: blob {layer.digest} holds {len(loaded)} tensors, not one"
@@ -156,7 +158,8 @@ class ModelSource:
         (array,) = loaded.values()
         if list(array.shape) != list(layer.shape or []):
             raise IntegrityError(
-                f"{self.where}: tensor {layer.name!r}: blob holds shape {list(array.shape)}, manifest says {layer.shape}"
+                f"{self.where}: tensor {layer.name!r}: blob holds shape {list(array.shape)},"
+                f" manifest says {layer.shape}"
             )
         return array
 
