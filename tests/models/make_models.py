@@ -450,6 +450,16 @@ def tree_digest(root: Path) -> str:
     return h.hexdigest()
 
 
+def write_checksums(roots: list[Path], target: Path) -> None:
+    """SHA256SUMS over every file of the given trees, checked by test_model_fixtures.py."""
+    lines = []
+    for root in roots:
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            lines.append(f"{digest}  {path.relative_to(target.parent).as_posix()}")
+    target.write_text("\n".join(lines) + "\n")
+
+
 def smoke_check(root: Path) -> None:
     """Load with ZImagePipeline as a user would and generate one small image."""
     from diffusers import ZImagePipeline
@@ -474,13 +484,16 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="load each model with ZImagePipeline")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
+    roots = []
     for spec in (TINY, SHARDED):
         root = build(spec)
+        roots.append(root)
         check_nontrivial(root)
         size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
         print(f"{spec.name}: {size} bytes, tree sha256 {tree_digest(root)}")
         if args.check:
             smoke_check(root)
+    write_checksums(roots, HERE / "SHA256SUMS")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import zipfile
@@ -60,7 +61,8 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for key in sorted(arrays):
             buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+            array = np.asarray(arrays[key])  # not ascontiguousarray: it turns 0-d strings into 1-d
+            np.lib.format.write_array(buf, array if array.flags.c_contiguous else array.copy(), allow_pickle=False)
             info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
@@ -265,6 +267,10 @@ def main() -> None:
         for key in sorted(arrays):
             a = arrays[key]
             print(f"  {key:34s} {str(a.dtype):8s} {a.shape}")
+    lines = []
+    for path in sorted(p for p in REFERENCE.rglob("*") if p.is_file() and p.suffix in (".npz", ".png")):
+        lines.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.relative_to(REFERENCE).as_posix()}")
+    (REFERENCE / "SHA256SUMS").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
