@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from imgpack.packager.store import Store
 from imgpack.runtime.backend import available_memory, compute_dtype, is_cpu, mx
 from imgpack.runtime.scheduler import FlowMatchConfig, FlowMatchEulerScheduler

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from imgpack.runtime.backend import mx, nn
 from imgpack.schemas.errors import ImgpackError
 

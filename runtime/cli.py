@@ -1,0 +1,173 @@
+"""``imgpack run`` and ``imgpack doctor``.
+
+MLX is an optional extra, so nothing here imports it at module level: ``imgpack --help`` works without it, and
+the handlers turn a missing runtime into a clear "pip install 'imgpack[runtime]'" error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from imgpack.schemas.errors import ImgpackError, UsageError
+
+INSTALL_HINT = "pip install 'imgpack[runtime]'"
+_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``WxH`` -> (width, height); both positive multiples of 16 (usage error otherwise)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise UsageError(f"--size: {text!r} is not WIDTHxHEIGHT (for example 1024x768)")
+    width, height = int(match.group(1)), int(match.group(2))
+    for what, value in (("width", width), ("height", height)):
+        if value <= 0 or value % 16:
+            raise UsageError(f"--size: {what} {value} is not a positive multiple of 16")
+    return width, height
+
+
+def _import_runtime():  # noqa: ANN202 - returns the pipeline module
+    """Import the MLX pipeline, turning a missing optional dependency into an install hint."""
+    try:
+        from imgpack.runtime import pipeline
+    except ImportError as e:
+        raise ImgpackError(f"the MLX runtime is not available ({e}); install it with: {INSTALL_HINT}") from None
+    return pipeline
+
+
+def default_output(seed: int) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path.cwd() / f"imgpack-{stamp}-{seed}.png"
+
+
+def open_image(path: Path) -> None:
+    """Show the image with the desktop's viewer; a missing viewer is a warning, not a failure."""
+    if sys.platform == "darwin":
+        command = ["open", str(path)]
+    elif os.name == "nt":
+        os.startfile(str(path))  # type: ignore[attr-defined]
+        return
+    else:
+        viewer = shutil.which("xdg-open")
+        if viewer is None:
+            print(f"imgpack: warning: no image viewer (xdg-open) found; the image is at {path}", file=sys.stderr)
+            return
+        command = [viewer, str(path)]
+    subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    width, height = parse_size(args.size)
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps: {args.steps} must be at least 1")
+    if args.guidance < 0:
+        raise UsageError(f"--guidance: {args.guidance} must not be negative")
+    if not args.prompt.strip():
+        raise UsageError("the prompt is empty")
+    seed = args.seed if args.seed is not None else secrets.randbits(32)
+    output = Path(args.output) if args.output else default_output(seed)
+    if output.suffix.lower() != ".png":
+        raise UsageError(f"-o: {output} must end in .png")
+    if not output.parent.is_dir():
+        raise ImgpackError(f"-o: directory {output.parent} does not exist")
+    quiet = getattr(args, "quiet", False)
+    verbose = args.verbose and not quiet
+
+    def say(message: str) -> None:
+        if not quiet:
+            print(message, flush=True)
+
+    def log(message: str) -> None:
+        if verbose:
+            print(f"  {message}", file=sys.stderr, flush=True)
+
+    pipeline = _import_runtime()
+    from imgpack.packager.store import Store
+    from imgpack.runtime import backend
+
+    if verbose:
+        precision = "float32" if backend.is_cpu() else "the weights' dtype"
+        log(f"mlx {backend.mx.__version__} on {backend.device_name()}, computing in {precision}")
+        log(f"BLAS: {backend.BLAS.describe()}")
+    store = Store.open(args.store)
+    model = pipeline.ZImageModel.open(store, args.ref, log=log)
+    request = pipeline.GenerationRequest(
+        prompt=args.prompt,
+        width=width,
+        height=height,
+        steps=args.steps or pipeline.DEFAULT_STEPS,
+        seed=seed,
+        guidance=args.guidance,
+        negative=args.negative or "",
+    )
+    model.plan_memory(request)
+    if verbose:
+        log(f"compute dtype {model.dtype}, seed {seed}")
+    image = None
+    for event in pipeline.generate(model, request):
+        if isinstance(event, pipeline.Stage):
+            log(event.name)
+        elif isinstance(event, pipeline.Step):
+            say(f"Generating: step {event.index}/{event.total}")
+            log(f"step {event.index} took {event.seconds:.2f}s")
+        elif isinstance(event, pipeline.Image):
+            image = event
+    assert image is not None
+    pipeline.save_png(image.pixels, output)
+    say(f"Saved {output}")
+    if args.open:
+        open_image(output)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    print(f"python      {platform.python_version()} ({sys.executable})")
+    for dist in ("mlx", "tokenizers", "pillow", "cmeel-openblas"):
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            version = "not installed"
+        print(f"{dist:<11} {version}")
+    try:
+        from imgpack.runtime import backend
+    except ImportError as e:
+        raise ImgpackError(f"the MLX runtime is not available ({e}); install it with: {INSTALL_HINT}") from None
+    print(f"device      {backend.device_name()}")
+    print(f"BLAS        {backend.BLAS.describe()}")
+    for note in backend.BLAS.notes if backend.BLAS.library else []:
+        print(f"            {note}")
+    print(f"memory      {backend.available_memory() / 1024**3:.1f} GB available")
+    gflops = backend.measure_matmul_gflops(args.matmul_size)
+    print(f"matmul      {gflops:.1f} GFLOP/s (float32 {args.matmul_size}x{args.matmul_size})")
+    if backend.is_cpu() and platform.system() == "Linux" and not backend.BLAS.library:
+        print(f"warning: MLX uses its slow reference BLAS; install cmeel-openblas ({INSTALL_HINT})")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("run", help="generate an image from a stored model with MLX")
+    p.add_argument("ref", metavar="REF", help="model reference in the store (pull it first)")
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("-o", "--output", metavar="FILE", help="PNG to write (default: imgpack-<time>-<seed>.png here)")
+    p.add_argument("--size", default="1024x1024", metavar="WxH", help="image size, multiples of 16 (default 1024x1024)")
+    p.add_argument("--steps", type=int, metavar="N", help="denoising steps (default: 8, Z-Image-Turbo's)")
+    p.add_argument("--seed", type=int, metavar="S", help="noise seed; the same seed gives the same image everywhere")
+    p.add_argument("--negative", metavar="TEXT", help="negative prompt (used only with --guidance > 0)")
+    p.add_argument("--guidance", type=float, default=0.0, metavar="G", help="CFG scale; 0 disables (default 0)")
+    p.add_argument("--open", action="store_true", help="show the image when done")
+    p.add_argument("-v", "--verbose", action="store_true", help="report device, BLAS, memory and timings")
+    p.set_defaults(func=cmd_run)
+
+    p = subparsers.add_parser("doctor", help="check the MLX runtime: versions, device, BLAS and matmul speed")
+    p.add_argument("--matmul-size", type=int, default=1024, metavar="N", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_doctor)
