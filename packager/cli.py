@@ -243,10 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return int(args.func(args) or 0)
     except ImgpackError as e:
-        ui.console.print(f"imgpack: error: {e}", markup=False, highlight=False)
+        print(f"imgpack: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        ui.console.print("imgpack: interrupted", markup=False)
+        print("imgpack: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 141

@@ -172,6 +172,13 @@ class _Counters:
 
 def _pack_tensor(store: Store, job: TensorJob, counters: _Counters, progress: ProgressFn | None) -> Layer:
     """Write one tensor blob (header + raw bytes) unless the store already has it."""
+    try:
+        return _pack_tensor_unchecked(store, job, counters, progress)
+    except OSError as e:
+        raise ImgpackError(f"{job.file.path}: tensor {job.source.key!r}: {e.strerror or e}") from None
+
+
+def _pack_tensor_unchecked(store: Store, job: TensorJob, counters: _Counters, progress: ProgressFn | None) -> Layer:
     t = job.source
     header = encode_header(t.dtype, t.shape)
     size = len(header) + t.nbytes
@@ -224,6 +231,13 @@ def _tensor_layer(name: str, digest: str, size: int, dtype: str, shape: list[int
 
 
 def _pack_file(store: Store, path: Path, name: str, media_type: str, counters: _Counters) -> Layer:
+    try:
+        return _pack_file_unchecked(store, path, name, media_type, counters)
+    except OSError as e:
+        raise ImgpackError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _pack_file_unchecked(store: Store, path: Path, name: str, media_type: str, counters: _Counters) -> Layer:
     with store.writer() as w, open(path, "rb", buffering=0) as f:
         buf = bytearray(CHUNK)
         view = memoryview(buf)

@@ -89,7 +89,9 @@ def read_safetensors_header(path: Path, label: str | None = None) -> Safetensors
     cursor = data_start
     for t in ordered:
         if t.offset < cursor:
-            raise ImgpackError(f"{label}: tensor {t.key!r} overlaps the tensor before it (offset {t.offset - data_start})")
+            raise ImgpackError(
+                f"{label}: tensor {t.key!r} overlaps the tensor before it (offset {t.offset - data_start})"
+            )
         if t.offset > cursor:
             raise ImgpackError(f"{label}: gap of {t.offset - cursor} bytes before tensor {t.key!r}")
         cursor = t.offset + t.nbytes

@@ -306,8 +306,10 @@ class Store:
         parsed = ref if isinstance(ref, Reference) else Reference.parse(ref)
         if parsed.tag is not None:
             key = str(parsed.with_tag(parsed.tag))
+            # Layouts written by other tools may name an entry without a tag ("copied", not "copied:latest").
+            bare = ref.split("@", 1)[0] if isinstance(ref, str) else key
             for name, digest in self.list():
-                if name == key:
+                if name in (key, bare):
                     if parsed.digest and parsed.digest != digest:
                         raise NotFoundError(f"{parsed}: tag {key} points at {digest}, not {parsed.digest}")
                     return parsed, digest

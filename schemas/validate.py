@@ -12,6 +12,7 @@ from importlib import resources
 from typing import Any
 
 import jsonschema
+
 from imgpack.schemas.errors import ImgpackError
 
 SCHEMA_FILES = {
