@@ -57,9 +57,7 @@ class _Scanner:
 
     def token68_rest(self) -> str:
         start = self.pos
-        while self.pos < len(self.text) and (
-            self.text[self.pos] in _TOKEN_CHARS or self.text[self.pos] in "/="
-        ):
+        while self.pos < len(self.text) and (self.text[self.pos] in _TOKEN_CHARS or self.text[self.pos] in "/="):
             self.pos += 1
         return self.text[start : self.pos]
 

@@ -135,9 +135,7 @@ def run_credential_helper(helper: str, host: str) -> Credential | None:
     """Ask ``docker-credential-<helper> get`` for a host; None when it has nothing stored."""
     exe = shutil.which(f"docker-credential-{helper}")
     if exe is None:
-        raise AuthError(
-            f"credential helper docker-credential-{helper} (configured for {host}) is not on PATH"
-        )
+        raise AuthError(f"credential helper docker-credential-{helper} (configured for {host}) is not on PATH")
     # Helpers are keyed by what `docker login` stored, usually the bare host; docker hub is special.
     server = "https://index.docker.io/v1/" if host == "docker.io" else host
     try:
@@ -150,16 +148,12 @@ def run_credential_helper(helper: str, host: str) -> Credential | None:
         message = proc.stdout.decode(errors="replace").strip() or proc.stderr.decode(errors="replace").strip()
         if "not found" in message.lower() or "no credentials" in message.lower():
             return None
-        raise AuthError(
-            f"credential helper docker-credential-{helper} failed for {host} (exit {proc.returncode})"
-        )
+        raise AuthError(f"credential helper docker-credential-{helper} failed for {host} (exit {proc.returncode})")
     try:
         data = json.loads(proc.stdout)
         user, secret = data.get("Username", ""), data.get("Secret", "")
     except (json.JSONDecodeError, AttributeError):
-        raise AuthError(
-            f"credential helper docker-credential-{helper} returned malformed output for {host}"
-        ) from None
+        raise AuthError(f"credential helper docker-credential-{helper} returned malformed output for {host}") from None
     if not secret:
         return None
     source = f"docker-credential-{helper}"

@@ -28,10 +28,11 @@ from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
+from requests.adapters import HTTPAdapter
+
 from imgpack.registry.challenge import Challenge, parse_challenges
 from imgpack.registry.credentials import ANONYMOUS, Credential
 from imgpack.schemas.errors import AuthError, ImgpackError, TransferError
-from requests.adapters import HTTPAdapter
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -170,9 +171,7 @@ class Authorizer:
             return token.value
         return None
 
-    def handle_challenge(
-        self, header: str | None, scope: Scope, sent: str | None, final: bool = False
-    ) -> None:
+    def handle_challenge(self, header: str | None, scope: Scope, sent: str | None, final: bool = False) -> None:
         """Learn from a 401; raise AuthError when another try cannot succeed.
 
         ``final`` marks a 401 that answered a freshly authorized retry: nothing more can help.
@@ -187,9 +186,7 @@ class Authorizer:
         chosen = next((c for c in challenges if c.scheme == "bearer"), None)
         chosen = chosen or next((c for c in challenges if c.scheme == "basic"), None)
         if chosen is None:
-            raise AuthError(
-                f"{host}: authentication required, but the registry offered no basic or bearer scheme"
-            )
+            raise AuthError(f"{host}: authentication required, but the registry offered no basic or bearer scheme")
         with self._lock:
             was_scheme = self.scheme
             self.scheme, self.challenge = chosen.scheme, chosen
@@ -197,19 +194,13 @@ class Authorizer:
                 self.tokens.pop(scope, None)
         if chosen.scheme == "basic":
             if self._basic() is None:
-                raise AuthError(
-                    f"{host}: authentication required; run `imgpack login {host}` or set credentials"
-                )
+                raise AuthError(f"{host}: authentication required; run `imgpack login {host}` or set credentials")
             if sent is not None and was_scheme == "basic":
-                raise AuthError(
-                    f"{host}: the registry rejected the credentials from {self.credential.source}"
-                )
+                raise AuthError(f"{host}: the registry rejected the credentials from {self.credential.source}")
         elif final and sent is not None and was_scheme == "bearer" and sent.startswith("Bearer "):
             # A token we just fetched was refused: the scope is not granted to these credentials.
             if self.credential.anonymous:
-                raise AuthError(
-                    f"{host}: access denied to {' '.join(scope) or 'the registry'} (not logged in)"
-                )
+                raise AuthError(f"{host}: access denied to {' '.join(scope) or 'the registry'} (not logged in)")
             raise AuthError(f"{host}: access denied to {' '.join(scope) or 'the registry'}")
 
     def _fetch_token(self, scope: Scope) -> str:
@@ -233,9 +224,7 @@ class Authorizer:
         if not realm:
             raise AuthError(f"{host}: bearer challenge has no realm")
         realm_host = urlsplit(realm).netloc
-        if urlsplit(realm).scheme != "https" and not (
-            self.client.options.insecure or is_loopback(realm_host)
-        ):
+        if urlsplit(realm).scheme != "https" and not (self.client.options.insecure or is_loopback(realm_host)):
             raise AuthError(f"{host}: refusing to send credentials to non-TLS token realm {safe_url(realm)}")
         scopes = list(scope) or ([challenge.scope] if challenge.scope else [])
         cred = self.credential
@@ -307,9 +296,7 @@ class _ThreadSessions(threading.local):
 class RegistryClient:
     """Everything needed to talk to one registry host."""
 
-    def __init__(
-        self, host: str, credential: Credential | None = None, options: TransportOptions | None = None
-    ):
+    def __init__(self, host: str, credential: Credential | None = None, options: TransportOptions | None = None):
         self.host = host
         self.options = options or TransportOptions()
         if is_loopback(host) or self.options.insecure:
@@ -457,9 +444,7 @@ class RegistryClient:
             resp = self._send(method, url, request_headers, make_body(), stream, timeout)
             if resp.status_code == 401:
                 resp.close()
-                self.authorizer.handle_challenge(
-                    resp.headers.get("WWW-Authenticate"), scope, retried, final=True
-                )
+                self.authorizer.handle_challenge(resp.headers.get("WWW-Authenticate"), scope, retried, final=True)
                 raise AuthError(f"{self.host}: authentication failed for {' '.join(scope) or 'the registry'}")
         if resp.status_code == 403:
             resp.close()
