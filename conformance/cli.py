@@ -1,0 +1,75 @@
+"""``imgpack conformance``: check an artifact (or, with --registry, a registry) against spec v1."""
+
+from __future__ import annotations
+
+import argparse
+
+from imgpack.conformance.report import Report, render_table
+from imgpack.schemas.errors import ImgpackError, UsageError
+
+#: Exit status when a required check fails (the artifact or registry does not conform).
+EXIT_NONCONFORMANT = 1
+
+
+def run_target(target: str, store: str | None, *, insecure: bool = False, local: bool = False) -> Report:
+    """Open TARGET and run the artifact checks; an unreadable target is reported as LAY-001."""
+    from imgpack.conformance.artifact import ArtifactCheck, check_artifact
+    from imgpack.conformance.sources import LayoutProblem, Source, open_target
+
+    try:
+        source = open_target(target, store, insecure=insecure, local=local)
+    except UsageError:
+        raise
+    except (LayoutProblem, ImgpackError) as e:
+        check = ArtifactCheck(Source(label=target, kind="unreadable"))
+        check.report.fail("LAY-001", target, str(e))
+        return check._skip_rest("the target could not be read")
+    try:
+        return check_artifact(source)
+    finally:
+        source.close()
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from imgpack.packager import ui
+
+    if args.registry:
+        if args.target:
+            raise UsageError("give either TARGET or --registry HOST/REPO, not both")
+        from imgpack.conformance.registry_probe import probe_registry
+
+        report = probe_registry(args.registry, insecure=args.insecure, keep=args.keep)
+    elif args.target:
+        report = run_target(args.target, getattr(args, "store", None), insecure=args.insecure, local=args.local)
+    else:
+        raise UsageError("conformance needs a TARGET (reference, oci:PATH[:TAG], ollama:PATH[:MODEL:TAG],"
+                         " HOST/REPO:TAG) or --registry HOST/REPO")
+    if args.junit:
+        report.write_junit(args.junit)
+    if args.json:
+        ui.out.print_json(data=report.to_json())
+    elif not getattr(args, "quiet", False):
+        ui.out.print(render_table(report))
+        verdict = "CONFORMS" if report.ok else "DOES NOT CONFORM"
+        ui.out.print(f"{verdict}: {len(report.ran)} checks, {len(report.failed)} failed"
+                     f"{' (' + ', '.join(report.failed) + ')' if report.failed else ''},"
+                     f" {len(report.warned)} with warnings")
+    return 0 if report.ok else EXIT_NONCONFORMANT
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "conformance",
+        help="check an artifact or a registry against imgpack spec v1",
+        description="Run the spec v1 conformance checks. Exit 0 only when every required check passes.",
+    )
+    p.add_argument("target", nargs="?", metavar="TARGET",
+                   help="store reference, oci:PATH[:TAG], ollama:PATH[:MODEL:TAG], a layout directory,"
+                        " or HOST/REPO:TAG")
+    p.add_argument("--registry", metavar="HOST/REPO", help="probe what a registry supports instead")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report to FILE")
+    p.add_argument("--insecure", action="store_true", help="allow plain HTTP / unverified TLS to the registry")
+    p.add_argument("--local", action="store_true", help="read HOST/REPO:TAG from the local store, not the registry")
+    p.add_argument("--keep", action="store_true", help="with --registry: leave the probe's uploads in place")
+    p.set_defaults(func=cmd_conformance)
