@@ -52,6 +52,7 @@ class TensorJob:
     source: SourceTensor
     file: SafetensorsFile
     layer: Layer | None = None
+    new: bool = False  # this run wrote the blob (so it can be withdrawn if the source changed underneath)
 
 
 @dataclass
@@ -179,47 +180,43 @@ def _pack_tensor(store: Store, job: TensorJob, counters: _Counters, progress: Pr
 
 
 def _pack_tensor_unchecked(store: Store, job: TensorJob, counters: _Counters, progress: ProgressFn | None) -> Layer:
+    """Hash the tensor's bytes, then copy them into a blob only if the store lacks that digest.
+
+    Small tensors are read once into memory; large ones are hashed in chunks and then copied file-to-file
+    in the kernel (copy_file_range), so their bytes never pass through Python twice.
+    """
     t = job.source
     header = encode_header(t.dtype, t.shape)
     size = len(header) + t.nbytes
+    hasher = hashlib.sha256(header)
     with open(job.file.path, "rb", buffering=0) as f:
         f.seek(t.offset)
+        data: bytes | None = None
         if t.nbytes <= SMALL_TENSOR:
             data = f.read(t.nbytes)
             if len(data) != t.nbytes:
                 raise ImgpackError(f"{job.file.path}: tensor {t.key!r}: file shrank while reading")
-            hasher = hashlib.sha256(header)
             hasher.update(data)
-            digest = "sha256:" + hasher.hexdigest()
-            new = not store.has_blob(digest, size)
-            if new:
-                with store.writer() as w:
-                    w.write(header)
-                    w.write(data)
-                    w.commit(digest, size)
-            if progress:
-                progress(t.nbytes)
         else:
-            with store.writer() as w:
-                w.write(header)
-                remaining = t.nbytes
-                buf = bytearray(CHUNK)
-                view = memoryview(buf)
-                while remaining:
-                    n = f.readinto(view[: min(CHUNK, remaining)])
-                    if not n:
-                        raise ImgpackError(f"{job.file.path}: tensor {t.key!r}: file shrank while reading")
-                    w.write(view[:n])
-                    remaining -= n
-                    if progress:
-                        progress(n)
-                digest = w.current_digest()
-                new = not store.has_blob(digest, size)
-                if new:
-                    w.commit(digest, size)
-                else:
-                    w.abort()
-    counters.add(new, size)
+            remaining = t.nbytes
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
+            while remaining:
+                n = f.readinto(view[: min(CHUNK, remaining)])
+                if not n:
+                    raise ImgpackError(f"{job.file.path}: tensor {t.key!r}: file shrank while reading")
+                hasher.update(view[:n])
+                remaining -= n
+        digest = "sha256:" + hasher.hexdigest()
+        job.new = not store.has_blob(digest, size)
+        if job.new:
+            if data is not None:
+                store.put_known(digest, header + data)
+            else:
+                store.put_known(digest, header, f.fileno(), t.offset, t.nbytes)
+    if progress:
+        progress(t.nbytes)
+    counters.add(job.new, size)
     return _tensor_layer(job.name, digest, size, t.dtype, t.shape)
 
 
@@ -394,6 +391,9 @@ def create_model(
             now = os.stat(st_file.path)
             before = stats_before[str(st_file.path)]
             if (now.st_size, now.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                for job in by_file.get(str(st_file.path), []):
+                    if job.new and job.layer:
+                        store.blob_path(job.layer.digest).unlink(missing_ok=True)
                 raise ImgpackError(f"{st_file.path}: file changed while it was being packed; run create again")
             cache.put(st_file.path, {
                 "tensors": {j.source.key: [j.layer.digest, j.layer.size] for j in by_file.get(str(st_file.path), [])}

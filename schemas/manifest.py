@@ -109,6 +109,11 @@ def build_manifest(
     return raw
 
 
+#: Digests of manifests that already passed schema validation in this process: checking the same bytes
+#: twice (build, then store) would only cost time on a 1,000-layer manifest.
+_SCHEMA_VALID: set[str] = set()
+
+
 @dataclass
 class ModelManifest:
     raw: bytes
@@ -178,7 +183,10 @@ class ModelManifest:
             raise ImgpackError(f"{source}: manifest is not valid JSON: {e}") from None
         if isinstance(document, dict) and document.get("mediaType") in (spec.OCI_INDEX, spec.DOCKER_MANIFEST_LIST):
             raise ImgpackError(f"{source}: is an image index, not a model manifest")
-        validate("manifest", document, source)
+        digest = sha256_bytes(raw)
+        if digest not in _SCHEMA_VALID:
+            validate("manifest", document, source)
+            _SCHEMA_VALID.add(digest)
         layers = [Layer.from_json(d) for d in document["layers"]]
         for i, layer in enumerate(layers):
             check_name(layer.name, f"{source}: layers[{i}]")
