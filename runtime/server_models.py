@@ -1,0 +1,386 @@
+"""Loaded models, their job queues and keep-alive, for ``imgpack serve``.
+
+Each loaded model owns one worker thread that runs its jobs one at a time in arrival order, so a model's weights
+are touched by a single thread and two requests never fight over its memory. HTTP threads only submit jobs,
+read their events and set a job's cancel flag when their client goes away; the pipeline checks that flag between
+steps. A worker unloads its model (and exits) once it has been idle past its keep-alive, or when stopped.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import gc
+import itertools
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from imgpack.packager.store import Store
+from imgpack.runtime.server_api import DEFAULT_KEEP_ALIVE, ApiError, ImageJobSpec
+from imgpack.schemas.errors import ImgpackError, NotFoundError, UsageError
+from imgpack.schemas.reference import Reference
+
+log = logging.getLogger("imgpack.server")
+
+DEFAULT_MAX_QUEUE = 16
+HISTORY = 64  # finished jobs remembered for /api/ps and tests
+
+# Job event kinds put on ``Job.events``.
+PROGRESS, DONE, ERROR, CANCELLED = "progress", "done", "error", "cancelled"
+
+
+@dataclass
+class GeneratedImage:
+    png: bytes
+    seed: int
+
+
+@dataclass
+class Job:
+    """One request: its spec, a cancel flag the HTTP thread sets, and the events the worker sends back."""
+
+    id: int
+    spec: ImageJobSpec
+    model_name: str
+    cancel: threading.Event = field(default_factory=threading.Event)
+    events: queue.Queue = field(default_factory=queue.Queue)
+    state: str = "queued"  # queued, running, done, failed, cancelled
+    steps_done: int = 0
+    submitted: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.spec.steps * self.spec.n
+
+    def summary(self) -> dict[str, Any]:
+        return {"id": self.id, "model": self.model_name, "state": self.state, "step": self.steps_done,
+                "total": self.total_steps}
+
+
+@dataclass
+class LoadedModel:
+    """A model with a worker: 'loading' until its weights are in memory, then 'ready'."""
+
+    name: str
+    digest: str
+    cond: threading.Condition
+    keep_alive: float
+    jobs: collections.deque[Job] = field(default_factory=collections.deque)
+    running: Job | None = None
+    model: Any = None  # ZImageModel once loaded
+    size: int = 0
+    loaded_at: float | None = None
+    idle_since: float = field(default_factory=time.time)
+    stopping: bool = False
+    unload_when_idle: bool = False
+    thread: threading.Thread | None = None
+    stats: collections.Counter = field(default_factory=collections.Counter)
+
+    @property
+    def expires_at(self) -> float | None:
+        """When an idle model unloads; None while it is busy."""
+        if self.running is not None or self.jobs or self.model is None:
+            return None
+        return self.idle_since + (0.0 if self.unload_when_idle else self.keep_alive)
+
+
+def default_loader(store: Store, name: str) -> Any:
+    """Open and fully load a model (the server pays the load once, not per request)."""
+    from imgpack.runtime.pipeline import ZImageModel
+
+    model = ZImageModel.open(store, name)
+    model.load()
+    return model
+
+
+def model_size(model: Any) -> int:
+    try:
+        return int(sum(model.weight_bytes().values()))
+    except Exception:  # noqa: BLE001 - a size is informational; never fail a load over it
+        return 0
+
+
+class ModelManager:
+    """Schedules jobs onto per-model workers and unloads idle models."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        keep_alive: float = DEFAULT_KEEP_ALIVE,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        loader: Callable[[Store, str], Any] = default_loader,
+    ) -> None:
+        self.store = store
+        self.keep_alive = keep_alive
+        self.max_queue = max_queue
+        self.loader = loader
+        self._lock = threading.Lock()
+        self._models: dict[str, LoadedModel] = {}
+        self._ids = itertools.count(1)
+        self.history: collections.deque[Job] = collections.deque(maxlen=HISTORY)
+        self._closed = False
+
+    # -- names ---------------------------------------------------------------------------------------
+
+    def resolve(self, reference: Reference, given: str) -> tuple[str, str]:
+        """(canonical name, manifest digest) of a stored model, looking only at the store's index.
+
+        A digest reference must name an indexed manifest: any other blob (a multi-GB tensor) is never read as one.
+        """
+        try:
+            if reference.tag is None and reference.digest:
+                for name, digest in self.store.list():
+                    if digest == reference.digest:
+                        return name, digest
+                raise NotFoundError(given)
+            parsed, digest = self.store.resolve(reference)
+        except NotFoundError:
+            raise ApiError(404, f"model {given!r} not found; GET /v1/models lists the models this server has",
+                           param="model", code="model_not_found") from None
+        except ImgpackError as e:
+            raise ApiError(500, f"the store's index is unreadable: {e}", code="store_error") from None
+        return str(parsed.with_tag(parsed.tag)) if parsed.tag else str(parsed), digest
+
+    # -- jobs ----------------------------------------------------------------------------------------
+
+    def submit(self, spec: ImageJobSpec) -> Job:
+        """Queue a job on its model's worker, loading the model on first use; 503 when the queue is full."""
+        name, digest = self.resolve(spec.reference, spec.model)
+        with self._lock:
+            if self._closed:
+                raise ApiError(503, "the server is shutting down", code="shutting_down",
+                               headers={"Retry-After": "5"})
+            entry = self._models.get(digest)
+            if entry is None or entry.stopping:
+                if entry is not None and entry.thread is not None:
+                    # A stopping worker is on its way out; wait for it rather than hold two copies in memory.
+                    self._lock.release()
+                    try:
+                        entry.thread.join(timeout=30)
+                    finally:
+                        self._lock.acquire()
+                entry = self._models.get(digest)
+                if entry is None or entry.stopping:
+                    entry = self._start(name, digest)
+            if len(entry.jobs) >= self.max_queue:
+                raise ApiError(
+                    503, f"model {name} already has {len(entry.jobs)} queued requests (the limit); retry later",
+                    code="queue_full", headers={"Retry-After": str(self._retry_after(entry))},
+                )
+            job = Job(next(self._ids), spec, name)
+            if spec.keep_alive is not None:
+                entry.keep_alive = spec.keep_alive
+                entry.unload_when_idle = False
+            entry.jobs.append(job)
+            entry.cond.notify_all()
+        return job
+
+    def _retry_after(self, entry: LoadedModel) -> int:
+        running = entry.running
+        seconds = 1 + len(entry.jobs) * (running.spec.steps if running else 8) // 8
+        return max(1, min(seconds, 60))
+
+    def _start(self, name: str, digest: str) -> LoadedModel:
+        entry = LoadedModel(name, digest, threading.Condition(self._lock), self.keep_alive)
+        entry.thread = threading.Thread(target=self._worker, args=(entry,), name=f"imgpack-model-{name}", daemon=True)
+        self._models[digest] = entry
+        entry.thread.start()
+        return entry
+
+    def _worker(self, entry: LoadedModel) -> None:
+        try:
+            while True:
+                with self._lock:
+                    job = self._next_job(entry)
+                    if job is None:
+                        break
+                    entry.running = job
+                    job.state = "running"
+                try:
+                    self._run(entry, job)
+                finally:
+                    with self._lock:
+                        entry.running = None
+                        entry.idle_since = time.time()
+                        self.history.append(job)
+                        entry.stats[job.state] += 1
+        finally:
+            self._unload(entry)
+
+    def _next_job(self, entry: LoadedModel) -> Job | None:
+        """Under the lock: the next live job, or None once the model should unload."""
+        while True:
+            while entry.jobs and entry.jobs[0].cancel.is_set():
+                job = entry.jobs.popleft()
+                self._finish(job, "cancelled", (CANCELLED, None))
+                self.history.append(job)
+                entry.stats["cancelled"] += 1
+            if entry.stopping:
+                return None
+            if entry.jobs:
+                return entry.jobs.popleft()
+            expires = entry.expires_at
+            if entry.model is None or (expires is not None and time.time() >= expires):
+                entry.stopping = True
+                return None
+            timeout = expires - time.time() if expires is not None and math.isfinite(expires) else None
+            # Wake at least every second: queued jobs can be cancelled without anyone notifying us.
+            entry.cond.wait(timeout=min(timeout, 1.0) if timeout is not None else 1.0)
+
+    def _finish(self, job: Job, state: str, event: tuple[str, Any]) -> None:
+        job.state = state
+        job.finished = time.time()
+        job.events.put(event)
+
+    def _run(self, entry: LoadedModel, job: Job) -> None:
+        from imgpack.runtime import pipeline
+
+        spec = job.spec
+        try:
+            if entry.model is None:
+                entry.model = self.loader(self.store, entry.name)
+                entry.size = model_size(entry.model)
+                entry.loaded_at = time.time()
+            images = []
+            for k in range(spec.n):
+                request = pipeline.GenerationRequest(
+                    prompt=spec.prompt, width=spec.width, height=spec.height, steps=spec.steps, seed=spec.seed + k,
+                    guidance=spec.guidance, negative=spec.negative_prompt,
+                )
+                if k == 0:
+                    entry.model.plan_memory(request)
+                for event in pipeline.generate(entry.model, request, cancel=job.cancel):
+                    if isinstance(event, pipeline.Step):
+                        job.steps_done += 1
+                        job.events.put((PROGRESS, {"step": job.steps_done, "total": job.total_steps}))
+                    elif isinstance(event, pipeline.Image):
+                        images.append(GeneratedImage(pipeline.encode_png(event.pixels), event.seed))
+            self._finish(job, "done", (DONE, images))
+        except pipeline.GenerationCancelled:
+            self._finish(job, "cancelled", (CANCELLED, None))
+        except UsageError as e:
+            self._finish(job, "failed", (ERROR, ApiError(400, str(e), code="invalid_value")))
+        except ImgpackError as e:
+            if entry.loaded_at is None:
+                entry.model = None  # a failed load is retried by the next request
+            self._finish(job, "failed", (ERROR, ApiError(500, f"model {entry.name}: {e}", code="generation_failed")))
+        except Exception as e:  # noqa: BLE001 - the client gets a 500, the worker keeps serving
+            log.exception("job %s on %s failed", job.id, entry.name)
+            if entry.loaded_at is None:
+                entry.model = None
+            self._finish(job, "failed", (ERROR, ApiError(500, f"model {entry.name}: internal error: {e!r}",
+                                                         code="internal_error")))
+
+    def _unload(self, entry: LoadedModel) -> None:
+        with self._lock:
+            entry.stopping = True
+            if self._models.get(entry.digest) is entry:
+                del self._models[entry.digest]
+            leftovers = list(entry.jobs)
+            entry.jobs.clear()
+            entry.model = None
+            entry.size = 0
+        for job in leftovers:  # only reachable when stopped during shutdown
+            self._finish(job, "cancelled", (ERROR, ApiError(503, "the model was unloaded; retry",
+                                                             code="model_unloaded", headers={"Retry-After": "1"})))
+        gc.collect()
+        try:
+            from imgpack.runtime.backend import mx
+
+            mx.clear_cache()
+        except ImportError:
+            pass
+        log.info("unloaded %s", entry.name)
+
+    # -- management ----------------------------------------------------------------------------------
+
+    def _find(self, given: str) -> LoadedModel | None:
+        """A loaded model by the name it was loaded under, any alias of it in the store, or its digest."""
+        entries = list(self._models.values())
+        for entry in entries:
+            if given in (entry.name, entry.digest):
+                return entry
+        try:
+            reference = Reference.parse(given)
+        except UsageError:
+            return None
+        canonical = str(reference)
+        for entry in entries:
+            if canonical == entry.name:
+                return entry
+        try:
+            _, digest = self.resolve(reference, given)
+        except ApiError:
+            return None
+        return self._models.get(digest)
+
+    def stop(self, given: str, wait: float = 30.0) -> dict[str, Any]:
+        """Unload now if idle (waiting for the memory to be released), else as soon as its queue drains."""
+        with self._lock:
+            entry = self._find(given)
+            if entry is None:
+                raise ApiError(404, f"model {given!r} is not loaded; GET /api/ps lists loaded models",
+                               param="model", code="model_not_loaded")
+            busy = entry.running is not None or bool(entry.jobs)
+            if busy:
+                entry.unload_when_idle = True
+            else:
+                entry.stopping = True
+            entry.cond.notify_all()
+        if busy:
+            return {"model": entry.name, "status": "unloading"}
+        if entry.thread is not None:
+            entry.thread.join(timeout=wait)
+        return {"model": entry.name, "status": "unloaded"}
+
+    def ps(self) -> list[dict[str, Any]]:
+        now = time.time()
+        with self._lock:
+            rows = []
+            for entry in self._models.values():
+                expires = entry.expires_at
+                rows.append({
+                    "name": entry.name,
+                    "model": entry.name,
+                    "digest": entry.digest,
+                    "size": entry.size,
+                    "state": "loading" if entry.model is None else ("busy" if entry.running else "idle"),
+                    "running": entry.running.summary() if entry.running else None,
+                    "queued": len(entry.jobs),
+                    "keep_alive": None if math.isinf(entry.keep_alive) else entry.keep_alive,
+                    "expires_at": _iso(expires) if expires is not None and math.isfinite(expires) else None,
+                    "expires_in": max(0.0, round(expires - now, 3)) if expires is not None and math.isfinite(expires)
+                    else None,
+                    "loaded_at": _iso(entry.loaded_at) if entry.loaded_at else None,
+                    "jobs": {k: entry.stats.get(k, 0) for k in ("done", "failed", "cancelled")},
+                })
+        return sorted(rows, key=lambda r: r["name"])
+
+    def close(self, wait: float = 10.0) -> None:
+        """Cancel every job and unload every model (server shutdown)."""
+        with self._lock:
+            self._closed = True
+            entries = list(self._models.values())
+            for entry in entries:
+                entry.stopping = True
+                for job in entry.jobs:
+                    job.cancel.set()
+                if entry.running is not None:
+                    entry.running.cancel.set()
+                entry.cond.notify_all()
+        deadline = time.time() + wait
+        for entry in entries:
+            if entry.thread is not None:
+                entry.thread.join(timeout=max(0.0, deadline - time.time()))
+
+
+def _iso(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
