@@ -171,3 +171,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("doctor", help="check the MLX runtime: versions, device, BLAS and matmul speed")
     p.add_argument("--matmul-size", type=int, default=1024, metavar="N", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_doctor)
+
+    from imgpack.runtime.server_cli import register as register_server  # serve, ps, stop and run --host
+
+    register_server(subparsers)
