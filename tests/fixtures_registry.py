@@ -500,6 +500,50 @@ def isolated_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
     return config
 
 
+COMPONENT_FILES = {
+    "transformer": "diffusion_pytorch_model.safetensors",
+    "text_encoder": "model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+}
+
+
+def write_mini_model(directory: Path, seeds: dict[str, int], tensors: int = 6, rows: int = 64) -> Path:
+    """A small diffusers-layout model: per component ``tensors`` F32 tensors drawn from ``seeds[component]``.
+
+    Components with the same seed produce identical blobs, which is how tests model shared components.
+    """
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    index = {"_class_name": "ZImagePipeline"}
+    for component, seed in seeds.items():
+        index[component] = ["diffusers", "Component"]
+        (directory / component).mkdir(exist_ok=True)
+        (directory / component / "config.json").write_text(json.dumps({"component": component, "seed": seed}))
+        rng = np.random.default_rng(seed)
+        arrays = {
+            f"blocks.{i}.weight": rng.standard_normal((rows, 32 + i), dtype=np.float32) for i in range(tensors)
+        }
+        save_file(arrays, str(directory / component / COMPONENT_FILES[component]))
+    (directory / "model_index.json").write_text(json.dumps(index))
+    return directory
+
+
+@pytest.fixture
+def make_model(tmp_path: Path):
+    """``make_model(store, ref, seeds, fmt="oci", **kw)`` creates a mini model in ``store``; returns its digest."""
+    from imgpack.packager.create import create_model
+
+    counter = iter(range(10_000))
+
+    def make(store, ref: str, seeds: dict[str, int], fmt: str = "oci", **kwargs) -> str:
+        directory = write_mini_model(tmp_path / f"model-src-{next(counter)}", seeds, **kwargs)
+        return create_model(store, ref, directory, fmt=fmt).digest
+
+    return make
+
+
 def basic_header(user: str = USER, password: str = PASSWORD) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
@@ -517,6 +561,8 @@ __all__ = [
     "free_port",
     "htpasswd_registry",
     "isolated_credentials",
+    "make_model",
+    "write_mini_model",
     "needs_registry",
     "open_registry",
     "start_registry",
