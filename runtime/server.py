@@ -54,6 +54,8 @@ DEFAULT_PORT = 8420
 MAX_BODY = 1024 * 1024
 POLL_SECONDS = 0.05  # how often a waiting request thread checks its client's socket
 HEARTBEAT_SECONDS = 10.0  # SSE comment sent while a streamed job waits, so dead clients show up as failed writes
+LINGER_SECONDS = 2.0  # how long, and how many bytes, an unread refused body is drained before closing
+LINGER_BYTES = 16 * 1024 * 1024
 FILE_TTL = 3600.0
 FILE_BUDGET = 512 * 1024 * 1024
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{20,64}$")
@@ -221,6 +223,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, f"Content-Length {length_text!r} is not a byte count", code="invalid_header") from None
         if length > self.server.max_body:
             self.close_connection = True  # the body is never read, so the connection cannot be reused
+            self._unread = length
             raise ApiError(413, f"the request body is {length} bytes, over the {self.server.max_body}-byte limit",
                            code="request_too_large")
         raw = self.rfile.read(length)
@@ -232,7 +235,28 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
 
+    def _linger(self) -> None:
+        """After refusing a body unread: end our side, then drain (bounded) what the client is still sending.
+
+        Closing a socket with unread input makes the kernel send a reset, which can destroy the error response
+        before the client reads it.
+        """
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(LINGER_SECONDS)
+            deadline = time.monotonic() + LINGER_SECONDS
+            left = min(self._unread, LINGER_BYTES)
+            while left > 0 and time.monotonic() < deadline:
+                chunk = self.rfile.read1(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
+
     def _dispatch(self, method: str) -> None:
+        self._unread = 0
         path = urlsplit(self.path).path
         try:
             if method == "GET" and path.startswith("/v1/images/files/"):
@@ -250,6 +274,8 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(404, f"no route {method} {path}", code="not_found")
         except ApiError as e:
             self._send_error(e)
+            if self._unread:
+                self._linger()
         except ClientGone:
             self.close_connection = True
         except (BrokenPipeError, ConnectionResetError):
