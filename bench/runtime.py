@@ -1,0 +1,420 @@
+"""Benchmark: imgpack's MLX runtime against diffusers (torch, CPU float32) on the same medium random model.
+
+    .venv/bin/python bench/runtime.py [--steps 3] [--sizes 256,512] [--diffusers-python PATH]
+
+Writes a random Z-Image model in the diffusers layout (transformer ~360 M parameters, a small Qwen3 text encoder,
+the FLUX VAE shape; bf16 like the real checkpoint) with numpy alone, packs it into a temp store, then runs each
+side in its own subprocess so peak RSS is measured cleanly: load time to the first denoising step, seconds per
+step at each size, VAE decode time, peak RSS. Both start from the same seed noise, and the images are compared.
+diffusers runs under a separate interpreter with torch (default /work/refenv/bin/python, or
+$IMGPACK_BENCH_DIFFUSERS_PYTHON), since torch never enters the project venv.
+
+Targets: s/step <= 1.0x diffusers, load <= 0.5x diffusers, peak RSS <= 1.3x the weights' float32 size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_SOURCE = ROOT / "tests" / "models" / "zimage-tiny" / "tokenizer"
+DEFAULT_DIFFUSERS_PYTHON = os.environ.get("IMGPACK_BENCH_DIFFUSERS_PYTHON", "/work/refenv/bin/python")
+PROMPT = "a red fox in the snow"
+SEED = 42
+
+TRANSFORMER = {
+    "_class_name": "ZImageTransformer2DModel",
+    "all_patch_size": [2],
+    "all_f_patch_size": [1],
+    "in_channels": 16,
+    "dim": 1536,
+    "n_layers": 8,
+    "n_refiner_layers": 2,
+    "n_heads": 12,
+    "n_kv_heads": 12,
+    "norm_eps": 1e-5,
+    "qk_norm": True,
+    "cap_feat_dim": 1024,
+    "rope_theta": 256.0,
+    "t_scale": 1000.0,
+    "axes_dims": [32, 48, 48],
+    "axes_lens": [1536, 512, 512],
+}
+TEXT_ENCODER = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "attention_bias": False,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 40960,
+    "num_attention_heads": 8,
+    "num_hidden_layers": 6,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 0,  # taken from the tiny model's tokenizer
+}
+VAE = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "force_upcast": True,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 16,
+    "layers_per_block": 2,
+    "mid_block_add_attention": True,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_post_quant_conv": False,
+    "use_quant_conv": False,
+}
+SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+             "use_dynamic_shifting": False}
+MODEL_INDEX = {
+    "_class_name": "ZImagePipeline",
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "Qwen3Model"],
+    "tokenizer": ["transformers", "Qwen2Tokenizer"],
+    "transformer": ["diffusers", "ZImageTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+# -- the random model ------------------------------------------------------------------------------
+
+
+def to_torch_key(component: str, param: str) -> str:
+    """Invert the runtime's key mapping: MLX parameter path -> diffusers/transformers checkpoint key."""
+    if component == "text_encoder":
+        return "model." + param
+    if component == "vae":
+        return param.replace(".to_out.", ".to_out.0.")
+    for prefix, target in (
+        ("x_embedder.", "all_x_embedder.2-1."),
+        ("final_layer.adaLN_modulation.", "all_final_layer.2-1.adaLN_modulation.1."),
+        ("final_layer.", "all_final_layer.2-1."),
+        ("t_embedder.linear_1.", "t_embedder.mlp.0."),
+        ("t_embedder.linear_2.", "t_embedder.mlp.2."),
+        ("cap_norm.", "cap_embedder.0."),
+        ("cap_proj.", "cap_embedder.1."),
+    ):
+        if param.startswith(prefix):
+            return target + param[len(prefix) :]
+    return param.replace(".adaLN_modulation.", ".adaLN_modulation.0.").replace(".to_out.", ".to_out.0.")
+
+
+def runtime_shapes() -> dict[str, dict[str, list[int]]]:
+    """Checkpoint key -> torch-layout shape for each component, from the runtime's own module definitions."""
+    from dataclasses import replace
+
+    from imgpack.runtime.text_encoder import Qwen3Config, Qwen3TextEncoder
+    from imgpack.runtime.transformer import ZImageConfig, ZImageTransformer
+    from imgpack.runtime.vae import VAEConfig, VAEDecoder
+    from imgpack.runtime.weights import flatten_params
+
+    te_cfg = Qwen3Config.from_dict(TEXT_ENCODER)
+    models = {
+        # One extra layer so the blueprint (which drops the last layer) has them all.
+        "text_encoder": Qwen3TextEncoder(replace(te_cfg, num_hidden_layers=te_cfg.num_hidden_layers + 1)),
+        "transformer": ZImageTransformer(ZImageConfig.from_dict(TRANSFORMER, {})),
+        "vae": VAEDecoder(VAEConfig.from_dict(VAE)),
+    }
+    out: dict[str, dict[str, list[int]]] = {}
+    for name, model in models.items():
+        shapes = {}
+        for param, array in flatten_params(model.parameters()).items():
+            shape = list(array.shape)
+            if len(shape) == 4:  # MLX (O, kh, kw, I) -> torch (O, I, kh, kw)
+                shape = [shape[0], shape[3], shape[1], shape[2]]
+            shapes[to_torch_key(name, param)] = shape
+        out[name] = shapes
+    out["text_encoder"]["model.norm.weight"] = [TEXT_ENCODER["hidden_size"]]
+    out["vae"].update(vae_encoder_shapes())
+    return out
+
+
+def vae_encoder_shapes() -> dict[str, list[int]]:
+    """The encoder half diffusers' AutoencoderKL expects in the checkpoint (the runtime never reads it)."""
+    ch, groups_out = VAE["block_out_channels"], 2 * VAE["latent_channels"]
+    shapes: dict[str, list[int]] = {}
+
+    def conv(name: str, o: int, i: int, k: int) -> None:
+        shapes[name + ".weight"], shapes[name + ".bias"] = [o, i, k, k], [o]
+
+    def norm(name: str, c: int) -> None:
+        shapes[name + ".weight"], shapes[name + ".bias"] = [c], [c]
+
+    def resnet(name: str, i: int, o: int) -> None:
+        norm(name + ".norm1", i)
+        conv(name + ".conv1", o, i, 3)
+        norm(name + ".norm2", o)
+        conv(name + ".conv2", o, o, 3)
+        if i != o:
+            conv(name + ".conv_shortcut", o, i, 1)
+
+    conv("encoder.conv_in", ch[0], VAE["in_channels"], 3)
+    for b, o in enumerate(ch):
+        i = ch[max(b - 1, 0)]
+        for r in range(VAE["layers_per_block"]):
+            resnet(f"encoder.down_blocks.{b}.resnets.{r}", i if r == 0 else o, o)
+        if b < len(ch) - 1:
+            conv(f"encoder.down_blocks.{b}.downsamplers.0.conv", o, o, 3)
+    resnet("encoder.mid_block.resnets.0", ch[-1], ch[-1])
+    resnet("encoder.mid_block.resnets.1", ch[-1], ch[-1])
+    norm("encoder.mid_block.attentions.0.group_norm", ch[-1])
+    for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+        shapes[f"encoder.mid_block.attentions.0.{proj}.weight"] = [ch[-1], ch[-1]]
+        shapes[f"encoder.mid_block.attentions.0.{proj}.bias"] = [ch[-1]]
+    norm("encoder.conv_norm_out", ch[-1])
+    conv("encoder.conv_out", groups_out, ch[-1], 3)
+    return shapes
+
+
+def random_tensor(rng: np.random.Generator, key: str, shape: list[int]) -> np.ndarray:
+    """Weights scaled 1/sqrt(fan_in), norms 1, biases 0: activations stay finite through every block."""
+    leaf = key.rsplit(".", 1)[-1]
+    if "norm" in key and leaf == "weight" and len(shape) == 1:
+        return np.ones(shape, np.float32)
+    if leaf == "bias":
+        return np.zeros(shape, np.float32)
+    fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    scale = 0.02 if "embed_tokens" in key or "pad_token" in key else fan_in**-0.5
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
+
+
+def to_bf16_bytes(array: np.ndarray) -> bytes:
+    bits = array.astype(np.float32).view(np.uint32)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.astype(np.uint16).tobytes()
+
+
+def write_safetensors(path: Path, shapes: dict[str, list[int]], rng: np.random.Generator) -> int:
+    """Stream random bf16 tensors into one safetensors file; returns the parameter count."""
+    header: dict[str, dict] = {}
+    offset = 0
+    for key in sorted(shapes):
+        nbytes = int(np.prod(shapes[key])) * 2
+        header[key] = {"dtype": "BF16", "shape": shapes[key], "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for key in sorted(shapes):
+            f.write(to_bf16_bytes(random_tensor(rng, key, shapes[key])))
+    return sum(int(np.prod(s)) for s in shapes.values())
+
+
+def make_model(directory: Path) -> dict[str, int]:
+    """Write the medium random model; returns parameter counts per component."""
+    tiny_te = json.loads((TOKENIZER_SOURCE.parent / "text_encoder" / "config.json").read_text())
+    TEXT_ENCODER["vocab_size"] = tiny_te["vocab_size"]
+    rng = np.random.default_rng(0)
+    counts = {}
+    shapes = runtime_shapes()
+    files = {
+        "text_encoder": ("model.safetensors", TEXT_ENCODER, "config.json"),
+        "transformer": ("diffusion_pytorch_model.safetensors", TRANSFORMER, "config.json"),
+        "vae": ("diffusion_pytorch_model.safetensors", VAE, "config.json"),
+    }
+    for component, (weights, config, config_name) in files.items():
+        (directory / component).mkdir(parents=True)
+        (directory / component / config_name).write_text(json.dumps(config, indent=2))
+        counts[component] = write_safetensors(directory / component / weights, shapes[component], rng)
+    (directory / "scheduler").mkdir()
+    (directory / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
+    shutil.copytree(TOKENIZER_SOURCE, directory / "tokenizer")
+    (directory / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+    return counts
+
+
+# -- the two sides -----------------------------------------------------------------------------------
+
+DIFFUSERS_WORKER = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    import numpy as np, torch
+    from diffusers import ZImagePipeline
+    t0 = time.perf_counter()
+    model_dir, sizes, steps, seed, prompt, out_dir = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), \\
+        int(sys.argv[4]), sys.argv[5], sys.argv[6]
+    pipe = ZImagePipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
+    marks = {}
+    forward_starts = []
+    forward = pipe.transformer.forward
+    def timed_forward(*a, **k):
+        forward_starts.append(time.perf_counter())
+        return forward(*a, **k)
+    pipe.transformer.forward = timed_forward
+    decode = pipe.vae.decode
+    def timed_decode(*a, **k):
+        s = time.perf_counter(); out = decode(*a, **k); marks["decode"] = time.perf_counter() - s; return out
+    pipe.vae.decode = timed_decode
+    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "sizes": {}}
+    for size in sizes:
+        stamps = []
+        forward_starts.clear()
+        def on_step(p, i, t, kw):
+            stamps.append(time.perf_counter()); return kw
+        latents = torch.from_numpy(np.random.default_rng(seed).standard_normal(
+            (1, 16, size // 8, size // 8), dtype=np.float32))
+        image = pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=0.0,
+                     latents=latents, callback_on_step_end=on_step, output_type="np").images[0]
+        if "load_to_first_step" not in results:
+            results["load_to_first_step"] = forward_starts[0] - t0
+        step_times = [end - begin for begin, end in zip(forward_starts, stamps)]
+        results["sizes"][str(size)] = {"step_times": step_times, "decode": marks["decode"]}
+        np.save(f"{out_dir}/diffusers-{size}.npy", np.round(image * 255).astype(np.uint8))
+    results["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print("RESULT " + json.dumps(results))
+    """
+)
+
+
+def mlx_worker(store_dir: str, sizes: list[int], steps: int, out_dir: str) -> None:
+    """Runs in a fresh interpreter: the same measurements as the diffusers worker, through imgpack's API."""
+    import resource
+
+    from imgpack.packager.store import Store
+    from imgpack.runtime import backend
+    from imgpack.runtime.pipeline import GenerationRequest, Image, Stage, Step, ZImageModel, generate
+
+    t0 = time.perf_counter()  # after imports, as in the diffusers worker: model loading only
+
+    model = ZImageModel.open(Store.open(store_dir), "bench:latest")
+    results: dict = {"blas": backend.BLAS.describe(), "sizes": {}}
+    for size in sizes:
+        request = GenerationRequest(PROMPT, size, size, steps=steps, seed=SEED)
+        model.plan_memory(request)
+        step_times, decode_start, decode = [], 0.0, 0.0
+        for event in generate(model, request):
+            if isinstance(event, Stage) and event.name == "denoise" and "load_to_first_step" not in results:
+                results["load_to_first_step"] = time.perf_counter() - t0
+            elif isinstance(event, Step):
+                step_times.append(event.seconds)
+            elif isinstance(event, Stage) and event.name == "decode":
+                decode_start = time.perf_counter()
+            elif isinstance(event, Image):
+                decode = time.perf_counter() - decode_start
+                np.save(f"{out_dir}/mlx-{size}.npy", event.pixels)
+        results["sizes"][str(size)] = {"step_times": step_times, "decode": decode}
+    results["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print("RESULT " + json.dumps(results))
+
+
+def run_worker(command: list[str], what: str) -> dict:
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"bench: the {what} run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"bench: the {what} run printed no result:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    result = json.loads(line[len("RESULT ") :])
+    result["wall"] = time.perf_counter() - start
+    return result
+
+
+def steady_step(times: list[float]) -> float:
+    """Median step time after the first (which pays one-off warm-up)."""
+    return statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--sizes", default="256,512")
+    parser.add_argument("--diffusers-python", default=DEFAULT_DIFFUSERS_PYTHON)
+    parser.add_argument("--work", help="working directory (default: a temp dir, removed afterwards)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.worker == "mlx":
+        mlx_worker(args.store, sizes, args.steps, args.out)
+        return
+    if not Path(args.diffusers_python).exists():
+        sys.exit(f"bench: {args.diffusers_python} not found; pass --diffusers-python or set"
+                 " IMGPACK_BENCH_DIFFUSERS_PYTHON to a Python with torch and diffusers")
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="imgpack-bench-"))
+    try:
+        model_dir, store_dir = work / "model", work / "store"
+        if not (model_dir / "model_index.json").exists():
+            print("writing the random model ...", flush=True)
+            shutil.rmtree(model_dir, ignore_errors=True)
+            make_model(model_dir)
+        from imgpack.packager.create import create_model
+        from imgpack.packager.store import Store
+
+        create_model(Store.open(store_dir), "bench:latest", model_dir)
+        manifest = Store.open(store_dir).get_manifest("bench:latest")
+        f32_bytes = sum(int(np.prod(t.shape)) * 4 for t in manifest.tensors)
+        params = {c: sum(int(np.prod(t.shape)) for t in manifest.tensors if t.name.startswith(c + "/"))
+                  for c in ("text_encoder", "transformer", "vae")}
+        print("parameters: " + ", ".join(f"{k} {v / 1e6:.0f} M" for k, v in params.items())
+              + f"; weights at float32 {f32_bytes / 2**30:.2f} GiB", flush=True)
+
+        print("running diffusers ...", flush=True)
+        ref = run_worker([args.diffusers_python, "-c", DIFFUSERS_WORKER, str(model_dir), json.dumps(sizes),
+                          str(args.steps), str(SEED), PROMPT, str(work)], "diffusers")
+        print("running imgpack (MLX) ...", flush=True)
+        ours = run_worker([sys.executable, __file__, "--worker", "mlx", "--store", str(store_dir), "--sizes",
+                           args.sizes, "--steps", str(args.steps), "--out", str(work)], "MLX")
+        report(ours, ref, sizes, f32_bytes, work)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def report(ours: dict, ref: dict, sizes: list[int], f32_bytes: int, work: Path) -> None:
+    print()
+    print(f"MLX BLAS: {ours['blas']}")
+    print(f"torch {ref['torch']} with {ref['threads']} threads")
+    rows = [("load to first step (s)", ours["load_to_first_step"], ref["load_to_first_step"], 0.5)]
+    for size in sizes:
+        o, r = ours["sizes"][str(size)], ref["sizes"][str(size)]
+        rows.append((f"s/step at {size}x{size}", steady_step(o["step_times"]), steady_step(r["step_times"]), 1.0))
+        rows.append((f"VAE decode at {size}x{size} (s)", o["decode"], r["decode"], None))
+    rows.append(("peak RSS (GiB)", ours["peak_rss"] / 2**30, ref["peak_rss"] / 2**30, None))
+    print(f"{'metric':<28}{'imgpack':>10}{'diffusers':>11}{'ratio':>8}  target")
+    for name, mine, theirs, target in rows:
+        ratio = mine / theirs if theirs else float("inf")
+        verdict = "" if target is None else (f"<= {target}x " + ("ok" if ratio <= target else "MISSED"))
+        print(f"{name:<28}{mine:>10.3f}{theirs:>11.3f}{ratio:>7.2f}x  {verdict}")
+    rss_ratio = ours["peak_rss"] / f32_bytes
+    print(f"{'peak RSS / f32 weights':<28}{rss_ratio:>10.2f}{ref['peak_rss'] / f32_bytes:>11.2f}{'':>8}  "
+          f"<= 1.3 {'ok' if rss_ratio <= 1.3 else 'MISSED'}")
+    for size in sizes:
+        a = np.load(work / f"mlx-{size}.npy").astype(np.int16)
+        b = np.load(work / f"diffusers-{size}.npy").astype(np.int16)
+        diff = np.abs(a - b)
+        within = float((diff <= 1).mean())
+        print(f"image agreement at {size}: {within:.4%} of pixels within 1/255, max diff {diff.max()}")
+
+
+if __name__ == "__main__":
+    main()
