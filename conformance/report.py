@@ -67,8 +67,13 @@ class Report:
             return PASS
         return SKIP
 
+    @property
+    def ordered(self) -> list[str]:
+        """The checks that ran, in catalogue order (the order the spec lists them)."""
+        return [check for check in CHECKS if check in self.ran]
+
     def summary(self) -> dict[str, str]:
-        return {check: self.status_of(check) for check in self.ran}
+        return {check: self.status_of(check) for check in self.ordered}
 
     @property
     def failed(self) -> list[str]:
@@ -85,7 +90,7 @@ class Report:
     def rows(self) -> list[Finding]:
         """One row per failure/warning/skip, plus one summary row for each check that passed."""
         out: list[Finding] = []
-        for check in self.ran:
+        for check in self.ordered:
             found = [f for f in self.findings if f.check == check]
             bad = [f for f in found if f.status in (FAIL, WARN, SKIP)]
             good = [f for f in found if f.status == PASS]
