@@ -346,7 +346,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
 
     def _abandon(self, job: Job) -> None:
-        job.cancel.set()
+        self.server.manager.cancel(job)
         log.info("client %s went away; cancelled job %s", self.address_string(), job.id)
         raise ClientGone
 
@@ -368,7 +368,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._wait(job)
         finally:
             if job.state in ("queued", "running"):
-                job.cancel.set()  # whatever went wrong here, nobody is waiting for this job any more
+                self.server.manager.cancel(job)  # whatever went wrong here, nobody is waiting for this job now
 
     def _result(self, job: Job, images: list[GeneratedImage]) -> dict[str, Any]:
         data = []

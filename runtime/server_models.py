@@ -183,6 +183,19 @@ class ModelManager:
             entry.cond.notify_all()
         return job
 
+    def cancel(self, job: Job) -> None:
+        """Cancel a job whose client left: a queued one leaves the queue now, a running one stops at its next step."""
+        job.cancel.set()
+        with self._lock:
+            for entry in self._models.values():
+                if job in entry.jobs:
+                    entry.jobs.remove(job)
+                    self._finish(job, "cancelled", (CANCELLED, None))
+                    self.history.append(job)
+                    entry.stats["cancelled"] += 1
+                    entry.cond.notify_all()
+                    return
+
     def _retry_after(self, entry: LoadedModel) -> int:
         running = entry.running
         seconds = 1 + len(entry.jobs) * (running.spec.steps if running else 8) // 8
