@@ -121,6 +121,7 @@ class ArtifactCheck:
         if not self._manifest(raw):
             return self._skip_rest("the manifest could not be read")
         self._descriptor(raw)
+        self._layer_descriptors()
         self._names()
         self._blobs()
         self._config()
@@ -248,7 +249,10 @@ class ArtifactCheck:
         if not problems:
             r.add("MAN-004", PASS, "index descriptor", "digest, size and media type match")
 
-        for desc in self.layers:  # MAN-005 and MAN-006 are about descriptors too
+    def _layer_descriptors(self) -> None:
+        """MAN-005 (title annotations) and MAN-006 (tensor dtype/shape fields)."""
+        r = self.report
+        for desc in self.layers:
             if not isinstance(desc.name, str):
                 continue
             expected = title_for(desc.name, desc.media_type) if isinstance(desc.media_type, str) else desc.name
