@@ -26,10 +26,12 @@ from imgpack.registry.local import LocalLayout
 from imgpack.registry.progress import NullReporter, Reporter
 from imgpack.registry.remote import RemoteRepository
 from imgpack.registry.target import ManifestInfo, Target
-from imgpack.registry.transport import Cancelled
+from imgpack.registry.transport import Cancelled, GaveUp
 from imgpack.schemas.errors import AuthError, ImgpackError, IntegrityError, NotFoundError, TransferError
 from imgpack.schemas.manifest import Layer, ModelManifest
 
+#: After this many blobs failed on every transport attempt, the registry is taken to be down: stop.
+GIVE_UP_AFTER = 3
 RETRYABLE = (TransferError, IntegrityError, requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 
 
@@ -112,6 +114,13 @@ def copy_model(
     lock = threading.Lock()
 
     def transfer(layer: Layer) -> None:
+        try:
+            _transfer(layer)
+        except ImgpackError as exc:
+            exc.layer = layer  # type: ignore[attr-defined]
+            raise
+
+    def _transfer(layer: Layer) -> None:
         last: BaseException | None = None
         for attempt in range(attempts):
             if cancel.is_set():
@@ -131,7 +140,7 @@ def copy_model(
                     if sources is not None and isinstance(dst, RemoteRepository):
                         mounts += [r for r in sources.repositories(dst.host, layer.digest) if r not in mounts]
                     status = dst.push_blob(layer, src.blob_source(layer), progress, mounts)
-            except (AuthError, NotFoundError, Cancelled):
+            except (AuthError, NotFoundError, Cancelled, GaveUp):
                 raise
             except RETRYABLE as exc:
                 last = exc
@@ -150,12 +159,12 @@ def copy_model(
             reporter.blob_done(layer, status, moved)
             return
         assert last is not None
-        what = f"{_label(layer)} (blob {layer.digest})"
         detail = str(last) if isinstance(last, ImgpackError) else type(last).__name__
         kind = IntegrityError if isinstance(last, IntegrityError) else TransferError
-        raise kind(f"{what}: {detail} (gave up after {attempts} attempts)")
+        raise kind(f"{detail} (gave up after {attempts} attempts)")
 
     failures: list[BaseException] = []
+    aborted = False  # we cancelled the remaining blobs ourselves (auth refused, registry down)
     with dst.session():
         pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="imgpack-copy")
         try:
@@ -165,24 +174,30 @@ def copy_model(
                 done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
                 for future in done:
                     exc = future.exception()
-                    if exc is None:
+                    if exc is None or isinstance(exc, Cancelled):
                         continue
                     failures.append(exc)
-                    if isinstance(exc, (AuthError, Cancelled)):
+                    gave_up = sum(isinstance(f, GaveUp) for f in failures)
+                    if isinstance(exc, AuthError) or gave_up >= GIVE_UP_AFTER:
+                        aborted = True
                         cancel.set()
         except BaseException:
             cancel.set()
+            pool.shutdown(wait=False, cancel_futures=True)
             raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
+        if cancel.is_set() and not aborted:
+            raise Cancelled("interrupted; finished blobs and partial downloads are kept for the next run")
         if failures:
-            fatal = next((f for f in failures if isinstance(f, (AuthError, Cancelled))), None)
-            if fatal is not None:
-                raise fatal
-            first = failures[0]
+            first = next((f for f in failures if isinstance(f, AuthError)), failures[0])
             kind = type(first) if isinstance(first, ImgpackError) else TransferError
-            count = f"{len(failures)} of {len(layers)} blobs failed; " if len(failures) > 1 else ""
-            raise kind(f"{result.destination}: {count}{first}; the manifest was not written")
+            if isinstance(first, GaveUp):
+                kind = TransferError
+            count = f"{len(failures)} of {len(layers)} blobs failed" if len(failures) > 1 else "a blob failed"
+            stopped = "; stopped early" if aborted else ""
+            layer = getattr(first, "layer", None)
+            what = f"{_label(layer)} (blob {layer.digest}): " if layer is not None else ""
+            raise kind(f"{result.destination}: {count}{stopped}; {what}{first}; the manifest was not written")
         dst.push_manifest(dst_ref, info)
     _record_sources(sources, src, dst, unique)
     result.seconds = time.monotonic() - started

@@ -29,6 +29,7 @@ from imgpack.registry.transport import (
     describe_response,
     iter_bounded,
     json_or_error,
+    raise_for_exhausted,
     safe_url,
 )
 from imgpack.schemas import spec
@@ -100,6 +101,7 @@ class RemoteBlobSource:
                     if start != offset:
                         raise TransferError(f"{repo.describe()}: blob {self.digest}: bad Content-Range reply")
                 elif resp.status_code != 200:
+                    raise_for_exhausted(resp, f"{repo.describe()}: GET blob {self.digest}")
                     raise TransferError(f"{repo.describe()}: GET blob {self.digest} answered {describe_response(resp)}")
                 cancel = repo.client.options.cancel
 
@@ -237,6 +239,7 @@ class RemoteRepository:
             return length is None or int(length) == layer.size
         if resp.status_code == 404:
             return False
+        raise_for_exhausted(resp, f"{self.describe()}: HEAD blob {layer.digest}")
         raise TransferError(f"{self.describe()}: HEAD blob {layer.digest} answered {describe_response(resp)}")
 
     def blob_source(self, layer: Layer) -> RemoteBlobSource:
@@ -260,6 +263,7 @@ class RemoteRepository:
         resp = self.client.request("POST", f"/v2/{self.repository}/blobs/uploads/", scope=self.scope)
         resp.close()
         if resp.status_code != 202 or not resp.headers.get("Location"):
+            raise_for_exhausted(resp, f"{self.describe()}: starting blob upload")
             raise TransferError(f"{self.describe()}: starting blob upload answered {describe_response(resp)}")
         min_chunk = resp.headers.get("OCI-Chunk-Min-Length")
         if min_chunk and min_chunk.isdigit():

@@ -41,6 +41,16 @@ USER_AGENT = "imgpack/0.1"
 Scope = tuple[str, ...]
 
 
+class GaveUp(TransferError):
+    """A request failed on every attempt the transport allows; retrying it again is pointless."""
+
+
+def raise_for_exhausted(resp: requests.Response, what: str) -> None:
+    """Turn a final retryable status (5xx, 429) into :class:`GaveUp`, other failures stay with the caller."""
+    if resp.status_code in RETRY_STATUSES:
+        raise GaveUp(f"{what} answered {describe_response(resp)} on every attempt")
+
+
 class Cancelled(ImgpackError):
     """The transfer was interrupted (Ctrl-C); finished work is kept for the next run."""
 
@@ -403,9 +413,7 @@ class RegistryClient:
                 if attempt + 1 < attempts:
                     opts.sleep(opts.backoff(attempt))
                     continue
-                raise TransferError(
-                    f"{method} {safe_url(url)} failed after {attempts} attempt(s): {last_error}"
-                ) from None
+                raise GaveUp(f"{method} {safe_url(url)} failed after {attempts} attempt(s): {last_error}") from None
             if resp.status_code in RETRY_STATUSES and attempt + 1 < attempts:
                 delay = parse_retry_after(resp.headers.get("Retry-After"), opts.retry_after_max)
                 resp.close()
@@ -487,6 +495,7 @@ def iter_bounded(chunks: Iterable[bytes], limit: int, what: str) -> bytes:
 __all__ = [
     "Authorizer",
     "Cancelled",
+    "GaveUp",
     "RegistryClient",
     "Scope",
     "TransportOptions",
