@@ -303,7 +303,8 @@ def mlx_worker(store_dir: str, sizes: list[int], steps: int, out_dir: str) -> No
 
     t0 = time.perf_counter()  # after imports, as in the diffusers worker: model loading only
 
-    model = ZImageModel.open(Store.open(store_dir), "bench:latest")
+    # One-shot mode, as `imgpack run` uses: each network is freed once its part is done.
+    model = ZImageModel.open(Store.open(store_dir), "bench:latest", keep_loaded=False)
     results: dict = {"blas": backend.BLAS.describe(), "sizes": {}}
     for size in sizes:
         request = GenerationRequest(PROMPT, size, size, steps=steps, seed=SEED)

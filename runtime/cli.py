@@ -100,7 +100,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         log(f"mlx {backend.mx.__version__} on {backend.device_name()}, computing in {precision}")
         log(f"BLAS: {backend.BLAS.describe()}")
     store = Store.open(args.store)
-    model = pipeline.ZImageModel.open(store, args.ref, log=log)
+    model = pipeline.ZImageModel.open(store, args.ref, log=log, keep_loaded=False)
     request = pipeline.GenerationRequest(
         prompt=args.prompt,
         width=width,

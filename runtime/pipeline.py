@@ -116,8 +116,13 @@ def save_png(pixels: np.ndarray, path: Path) -> Path:
 class ZImageModel:
     """A Z-Image model read from a store: configs, tokenizer and lazily loaded networks."""
 
-    def __init__(self, source: ModelSource, log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, source: ModelSource, log: Callable[[str], None] | None = None, keep_loaded: bool = True
+    ) -> None:
         self.source = source
+        #: False for one-shot use (``imgpack run``): each network is freed as soon as its part is done, so peak
+        #: memory is the largest component rather than all three. A server keeps them (True).
+        self.keep_loaded = keep_loaded
         self.log = log or (lambda _msg: None)
         index = source.read_json("model_index.json")
         pipeline_class = index.get("_class_name", "")
@@ -159,13 +164,14 @@ class ZImageModel:
             "vae": VAEDecoder(self.vae_config),
         }
         self.keep_text_encoder = True
-        self.plan_checked = False
         for name, model in self._blueprints.items():
             source.plan(name, model, model.param_name)
 
     @classmethod
-    def open(cls, store: Store, ref: str, log: Callable[[str], None] | None = None) -> ZImageModel:
-        return cls(ModelSource.open(store, ref), log)
+    def open(
+        cls, store: Store, ref: str, log: Callable[[str], None] | None = None, keep_loaded: bool = True
+    ) -> ZImageModel:
+        return cls(ModelSource.open(store, ref), log, keep_loaded)
 
     # -- memory --------------------------------------------------------------------------------------
 
@@ -198,16 +204,22 @@ class ZImageModel:
         weights = self.weight_bytes()
         work = self.activation_bytes(request.width, request.height, 2 if request.guidance > 0 else 1)
         everything = sum(weights.values()) + work
-        sequential = max(weights["text_encoder"], weights["transformer"] + weights["vae"] + work)
         self.log(
             f"memory: weights {sum(weights.values()) / GB:.2f} GB"
             f" (text encoder {weights['text_encoder'] / GB:.2f}, transformer {weights['transformer'] / GB:.2f},"
             f" vae {weights['vae'] / GB:.2f}), working ~{work / GB:.2f} GB, available {have / GB:.2f} GB"
         )
+        what = f"model {self.source.where} at {request.width}x{request.height}"
+        if not self.keep_loaded:
+            one_at_a_time = max(weights["text_encoder"], weights["transformer"] + work, weights["vae"] + work)
+            check_memory(one_at_a_time, have, what)
+            self.log(f"loading one component at a time: peak ~{one_at_a_time / GB:.2f} GB")
+            return one_at_a_time
+        sequential = max(weights["text_encoder"], weights["transformer"] + weights["vae"] + work)
         if not have or everything <= have:
             self.keep_text_encoder = True
             return everything
-        check_memory(sequential, have, f"model {self.source.where} at {request.width}x{request.height}")
+        check_memory(sequential, have, what)
         self.keep_text_encoder = False
         self.log("memory is tight: the text encoder is freed after encoding the prompt")
         return sequential
@@ -223,8 +235,6 @@ class ZImageModel:
 
     def load_text_encoder(self) -> Qwen3TextEncoder:
         if self.text_encoder is None:
-            if "text_encoder" not in self._blueprints:
-                self._blueprints["text_encoder"] = Qwen3TextEncoder(self.text_config)
             self.text_encoder = self._load("text_encoder")
         return self.text_encoder
 
@@ -244,11 +254,19 @@ class ZImageModel:
         self.load_transformer()
         self.load_vae()
 
-    def free_text_encoder(self) -> None:
-        self.text_encoder = None
-        self._blueprints.pop("text_encoder", None)
+    def free(self, name: str) -> None:
+        """Drop a loaded network (it reloads from the store on next use) and return its memory."""
+        setattr(self, name, None)
+        self._blueprints[name] = {
+            "text_encoder": lambda: Qwen3TextEncoder(self.text_config),
+            "transformer": lambda: ZImageTransformer(self.transformer_config),
+            "vae": lambda: VAEDecoder(self.vae_config),
+        }[name]()
         gc.collect()
         mx.clear_cache()
+
+    def free_text_encoder(self) -> None:
+        self.free("text_encoder")
 
     # -- pieces of a generation ----------------------------------------------------------------------
 
@@ -300,8 +318,8 @@ def generate(
     captions = [model.encode_prompt(request.prompt)]
     if use_cfg:
         captions.append(model.encode_prompt(request.negative))
-    if not model.keep_text_encoder:
-        model.free_text_encoder()
+    if not (model.keep_loaded and model.keep_text_encoder):
+        model.free("text_encoder")
     cancelled()
 
     if model.transformer is None:
@@ -326,6 +344,9 @@ def generate(
         mx.eval(x)
         yield Step(i + 1, scheduler.num_steps, time.perf_counter() - start)
     cancelled()
+    del transformer
+    if not model.keep_loaded:
+        model.free("transformer")
 
     if model.vae is None:
         yield Stage("load vae")
@@ -333,7 +354,11 @@ def generate(
     yield Stage("decode")
     image = vae(x[None])
     mx.eval(image)
-    yield Image(to_pixels(image), request.seed)
+    pixels = to_pixels(image)
+    del image, vae
+    if not model.keep_loaded:
+        model.free("vae")
+    yield Image(pixels, request.seed)
 
 
 def run_to_image(model: ZImageModel, request: GenerationRequest, **kwargs: object) -> Image:

@@ -505,7 +505,13 @@ def serve(
         print(f"imgpack: warning: listening on {host} without --api-key; anyone who can reach it can use it",
               file=sys.stderr)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+        # Both signals stop the loop from another thread, so the main thread returns normally: a
+        # KeyboardInterrupt raised inside MLX or OpenBLAS code would abort the process instead.
+        def stop(*_: object) -> None:
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
     print(f"imgpack: serving {store.root} at {server.url} (OpenAI API under {server.url}/v1)", flush=True)
     if ready is not None:
         ready.set()

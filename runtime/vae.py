@@ -60,17 +60,68 @@ class VAEConfig:
             raise ImgpackError(f"{where}: bad field value: {e}") from None
 
 
-def group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True, pytorch_compatible=True)
+#: Above this many input elements a 3x3 convolution runs in row bands, so MLX's im2col buffer (9x its input)
+#: stays near 9 x 4 M floats instead of 9 x the whole activation (gigabytes at 1024x1024).
+BAND_ELEMENTS = 4 * 1024 * 1024
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over NHWC with PyTorch's channel grouping; two-pass statistics in float32 (accurate over the
+    millions of elements a group spans at full resolution)."""
+
+    def __init__(self, channels: int, groups: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.groups = groups
+        self.eps = eps
+        self.weight = mx.ones((channels,))
+        self.bias = mx.zeros((channels,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        g = x.astype(mx.float32).reshape(b, h * w, self.groups, c // self.groups)
+        mean = g.mean(axis=(1, 3), keepdims=True)
+        var = mx.square(g - mean).mean(axis=(1, 3), keepdims=True)
+        normed = ((g - mean) * mx.rsqrt(var + self.eps)).reshape(b, h, w, c).astype(x.dtype)
+        return normed * self.weight + self.bias
+
+
+def group_norm(channels: int, groups: int) -> GroupNorm:
+    return GroupNorm(channels, groups)
+
+
+class Conv3x3(nn.Module):
+    """3x3 stride-1 'same' convolution; large inputs are convolved band by band (evaluated as they go)."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        scale = (in_ch * 9) ** -0.5
+        self.weight = mx.random.uniform(-scale, scale, (out_ch, 3, 3, in_ch))
+        self.bias = mx.zeros((out_ch,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        rows = max(1, BAND_ELEMENTS // (b * w * c))
+        if rows >= h:
+            return mx.conv2d(x, self.weight, padding=1) + self.bias
+        mx.eval(x)
+        bands = []
+        for top in range(0, h, rows):
+            bottom = min(h, top + rows)
+            band = x[:, max(top - 1, 0) : min(bottom + 1, h)]
+            band = mx.pad(band, [(0, 0), (int(top == 0), int(bottom == h)), (0, 0), (0, 0)])
+            out = mx.conv2d(band, self.weight, padding=(0, 1)) + self.bias
+            mx.eval(out)
+            bands.append(out)
+        return mx.concatenate(bands, axis=1)
 
 
 class ResnetBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, groups: int) -> None:
         super().__init__()
         self.norm1 = group_norm(in_ch, groups)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv3x3(in_ch, out_ch)
         self.norm2 = group_norm(out_ch, groups)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = Conv3x3(out_ch, out_ch)
         if in_ch != out_ch:
             self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1)
         self.has_shortcut = in_ch != out_ch
@@ -103,7 +154,7 @@ class AttentionBlock(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv3x3(channels, channels)
 
     def __call__(self, x: mx.array) -> mx.array:
         b, h, w, c = x.shape
@@ -143,7 +194,7 @@ class Decoder(nn.Module):
         super().__init__()
         channels = list(reversed(cfg.block_out_channels))
         groups = cfg.norm_num_groups
-        self.conv_in = nn.Conv2d(cfg.latent_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv3x3(cfg.latent_channels, channels[0])
         self.mid_block = MidBlock(channels[0], groups, cfg.mid_block_add_attention)
         self.up_blocks = [
             UpBlock(
@@ -152,12 +203,13 @@ class Decoder(nn.Module):
             for i, ch in enumerate(channels)
         ]
         self.conv_norm_out = group_norm(channels[-1], groups)
-        self.conv_out = nn.Conv2d(channels[-1], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv3x3(channels[-1], cfg.out_channels)
 
     def __call__(self, z: mx.array) -> mx.array:
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
+            mx.eval(x)  # keep the graph, and so the live activations, to one block
         return self.conv_out(nn.silu(self.conv_norm_out(x)))
 
 

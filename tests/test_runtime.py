@@ -294,3 +294,28 @@ def test_png_bytes_decode_to_pixels(models) -> None:
     decoded = np.array(PILImage.open(BytesIO(image.png())))
     np.testing.assert_array_equal(decoded, image.pixels)
     assert decoded.shape == (32, 48, 3)
+
+
+def test_one_shot_mode_frees_each_network(runtime_store) -> None:
+    """``imgpack run`` mode: every network is dropped after its part, and the image is unchanged."""
+    model = ZImageModel.open(runtime_store, "zimage-tiny:latest", keep_loaded=False)
+    ref = load_reference("zimage-tiny", "square")
+    image = run_to_image(model, request_for(ref))
+    assert model.text_encoder is None and model.transformer is None and model.vae is None
+    assert_image_matches(image.pixels, ref.data["image"])
+    # It can run again: components reload from the store.
+    again = run_to_image(model, request_for(ref))
+    np.testing.assert_array_equal(again.pixels, image.pixels)
+
+
+def test_banded_convolution_equals_whole(monkeypatch) -> None:
+    """Large VAE activations are convolved in row bands; the bands must stitch to the exact same result."""
+    import imgpack.runtime.vae as vae
+
+    conv = vae.Conv3x3(6, 5)
+    conv.bias = mx.random.normal((5,), key=mx.random.key(1))
+    x = mx.random.normal((1, 23, 9, 6), key=mx.random.key(2))
+    whole = np.array(conv(x))
+    for rows in (1, 2, 7):
+        monkeypatch.setattr(vae, "BAND_ELEMENTS", rows * 9 * 6)
+        np.testing.assert_allclose(np.array(conv(x)), whole, atol=1e-5)
