@@ -55,9 +55,10 @@ class _Scanner:
             self.pos += 1
         return self.text[start : self.pos]
 
-    def token68_rest(self) -> str:
+    def bare_value(self) -> str:
+        """An unquoted parameter value; lenient (up to a comma or blank) since some servers skip quotes."""
         start = self.pos
-        while self.pos < len(self.text) and (self.text[self.pos] in _TOKEN_CHARS or self.text[self.pos] in "/="):
+        while self.pos < len(self.text) and self.text[self.pos] not in " \t,":
             self.pos += 1
         return self.text[start : self.pos]
 
@@ -102,7 +103,7 @@ def parse_challenges(header: str) -> list[Challenge]:
                 break
             scanner.pos += 1
             scanner.skip_space()
-            value = scanner.quoted() if scanner.peek() == '"' else scanner.token68_rest()
+            value = scanner.quoted() if scanner.peek() == '"' else scanner.bare_value()
             params[name.lower()] = value
             scanner.skip_space()
             if scanner.peek() != ",":
