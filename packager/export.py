@@ -21,7 +21,7 @@ from pathlib import Path
 from imgpack.packager.store import Store
 from imgpack.schemas.errors import ImgpackError, IntegrityError
 from imgpack.schemas.manifest import Layer, ModelManifest
-from imgpack.schemas.tensorblob import read_header
+from imgpack.schemas.tensorblob import TensorHeader, read_header
 
 CHUNK = 4 * 1024 * 1024
 
@@ -59,18 +59,19 @@ class _VerifiedBlob:
             )
 
 
-def _tensor_data_start(store: Store, layer: Layer) -> int:
+def _tensor_header(store: Store, layer: Layer) -> TensorHeader:
+    """The blob's own header; checked against the descriptor's dtype/shape where the manifest has them."""
     with store.open_blob(layer.digest) as f:
         header = read_header(f, layer.size, f"layer {layer.name!r}")
-    if header.dtype != layer.dtype or header.shape != layer.shape:
+    if layer.dtype is not None and (header.dtype != layer.dtype or header.shape != layer.shape):
         raise IntegrityError(
             f"layer {layer.name!r}: blob holds {header.dtype} {header.shape}, manifest says {layer.dtype} {layer.shape}"
         )
-    return header.data_start
+    return header
 
 
-def _copy_tensor(store: Store, layer: Layer, out) -> None:
-    start = _tensor_data_start(store, layer)
+def _copy_tensor(store: Store, layer: Layer, out, header: TensorHeader | None = None) -> None:
+    start = (header or _tensor_header(store, layer)).data_start
     blob = _VerifiedBlob(store, layer)
     try:
         blob.skip_to(start)
@@ -94,12 +95,13 @@ def _write_from_header(store: Store, manifest: ModelManifest, header_layer: Laye
             layer = tensors.get(prefix + key)
             if layer is None:
                 raise ImgpackError(f"{manifest.source}: {name} needs tensor {prefix + key!r}, which has no layer")
-            if layer.dtype != info["dtype"] or layer.shape != info["shape"]:
+            header = _tensor_header(store, layer)
+            if header.dtype != info["dtype"] or header.shape != info["shape"]:
                 raise ImgpackError(
-                    f"{manifest.source}: layer {layer.name!r} is {layer.dtype} {layer.shape} but {name}'s header"
+                    f"{manifest.source}: layer {layer.name!r} is {header.dtype} {header.shape} but {name}'s header"
                     f" says {info['dtype']} {info['shape']}"
                 )
-            _copy_tensor(store, layer, out)
+            _copy_tensor(store, layer, out, header)
             used.add(layer.name or "")
 
 
@@ -115,20 +117,20 @@ def _standard_weights_name(manifest_files: dict[str, bytes], component: str) -> 
 
 
 def _write_synthesised(store: Store, target: Path, layers: list[Layer], prefix: str) -> None:
-    header: dict = {"__metadata__": {"format": "pt"}}
+    ordered = sorted(layers, key=lambda x: x.name or "")
+    headers = [_tensor_header(store, layer) for layer in ordered]
+    entries: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for layer in sorted(layers, key=lambda x: x.name or ""):
-        start = _tensor_data_start(store, layer)
-        nbytes = layer.size - start
-        header[(layer.name or "")[len(prefix):]] = {"dtype": layer.dtype, "shape": layer.shape,
-                                                    "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
+    for layer, header in zip(ordered, headers, strict=True):
+        entries[(layer.name or "")[len(prefix):]] = {"dtype": header.dtype, "shape": header.shape,
+                                                     "data_offsets": [offset, offset + header.nbytes]}
+        offset += header.nbytes
+    text = json.dumps(entries, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     with open(target, "wb") as out:
         out.write(struct.pack("<Q", len(text)) + text)
-        for layer in sorted(layers, key=lambda x: x.name or ""):
-            _copy_tensor(store, layer, out)
+        for layer, header in zip(ordered, headers, strict=True):
+            _copy_tensor(store, layer, out, header)
 
 
 def export_model(store: Store, ref: str, directory: str | Path) -> ModelManifest:

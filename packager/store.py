@@ -23,17 +23,17 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from imgpack.schemas import spec
 from imgpack.schemas.digest import check_digest, sha256_bytes
 from imgpack.schemas.errors import ImgpackError, IntegrityError, NotFoundError
 from imgpack.schemas.manifest import ModelManifest
 from imgpack.schemas.reference import Reference
-from imgpack.schemas.tensorblob import read_header
+
+if TYPE_CHECKING:
+    from imgpack.packager.verify import VerifyReport
 
 OCI_LAYOUT = {"imageLayoutVersion": "1.0.0"}
 CHUNK = 4 * 1024 * 1024
@@ -117,18 +117,6 @@ class BlobWriter:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if self.digest is None:
             self.abort()
-
-
-@dataclass
-class VerifyReport:
-    manifests: int = 0
-    blobs: int = 0
-    bytes: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 class Store:
@@ -453,66 +441,14 @@ class Store:
         return removed, freed
 
     def verify(self, ref: str | None = None, workers: int | None = None) -> VerifyReport:
-        """Re-hash every blob of one model (or all), validate manifests and tensor headers."""
-        report = VerifyReport()
-        targets: list[tuple[str, str]] = []
-        if ref is not None:
-            parsed, digest = self.resolve(ref)
-            targets.append((str(parsed), digest))
-        else:
-            targets = self.list()
-        blobs: dict[str, tuple[str, object]] = {}
-        for name, digest in targets:
-            report.manifests += 1
-            try:
-                manifest = self.manifest_by_digest(digest, source=name)
-            except ImgpackError as e:
-                report.problems.append(str(e))
-                continue
-            for blob in manifest.blobs:
-                blobs.setdefault(blob.digest, (name, blob))
+        """Re-hash every blob of one model (or all) and check each manifest's structure; see packager.verify."""
+        from imgpack.packager.verify import verify_store
 
-        def check(item: tuple[str, tuple[str, object]]) -> str | None:
-            digest, (model, blob) = item
-            label = f"{model}: layer {blob.name!r}" if blob.name else f"{model}: config"  # type: ignore[attr-defined]
-            return self._check_blob(digest, blob, label)  # type: ignore[arg-type]
+        return verify_store(self, ref, workers)
 
-        with ThreadPoolExecutor(max_workers=workers or min(4, (os.cpu_count() or 2))) as pool:
-            for problem in pool.map(check, sorted(blobs.items())):
-                if problem:
-                    report.problems.append(problem)
-        report.blobs = len(blobs)
-        report.bytes = sum(b.size for _, b in blobs.values())  # type: ignore[attr-defined]
-        return report
-
-    def _check_blob(self, digest: str, blob, label: str) -> str | None:
-        path = self.blob_path(digest)
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            return f"{label}: blob {digest} is missing"
-        if size != blob.size:
-            return f"{label}: blob {digest} is {size} bytes, manifest says {blob.size}"
-        hasher = hashlib.sha256()
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                hasher.update(view[:n])
-        if "sha256:" + hasher.hexdigest() != digest:
-            return f"{label}: blob {digest} is corrupt (content hashes to sha256:{hasher.hexdigest()})"
-        if blob.media_type == spec.TENSOR_MEDIA_TYPE:
-            try:
-                with open(path, "rb") as f:
-                    header = read_header(f, size, label)
-            except ImgpackError as e:
-                return str(e)
-            if header.dtype != blob.dtype or header.shape != blob.shape:
-                return (
-                    f"{label}: blob header says {header.dtype} {header.shape},"
-                    f" manifest says {blob.dtype} {blob.shape}"
-                )
-        return None
+    def index_entries(self) -> list[dict]:
+        """The raw ``index.json`` descriptors (for checks that compare them with the manifests they name)."""
+        return list(self._read_index()["manifests"])
 
 
 def _encode_index(index: dict) -> bytes:

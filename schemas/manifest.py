@@ -109,6 +109,17 @@ def build_manifest(
     return raw
 
 
+def _check_tree(layers: list[Layer], source: str) -> None:
+    """Names must lay out as a file tree: no name may also be a folder of another name."""
+    names = {layer.name for layer in layers if layer.name and not layer.is_header}
+    for name in sorted(names):
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            folder = "/".join(parts[:i])
+            if folder in names:
+                raise ImgpackError(f"{source}: layer {folder!r} is also the folder of layer {name!r}")
+
+
 #: Digests of manifests that already passed schema validation in this process: checking the same bytes
 #: twice (build, then store) would only cost time on a 1,000-layer manifest.
 _SCHEMA_VALID: set[str] = set()
@@ -190,7 +201,7 @@ class ModelManifest:
         layers = [Layer.from_json(d) for d in document["layers"]]
         for i, layer in enumerate(layers):
             check_name(layer.name, f"{source}: layers[{i}]")
-            if layer.is_tensor:
+            if layer.is_tensor and layer.dtype is not None and layer.shape is not None:
                 expected = tensor_nbytes(layer.dtype or "", layer.shape or [], f"{source}: layer {layer.name!r}")
                 if layer.size < expected + 16:
                     raise ImgpackError(
@@ -199,4 +210,5 @@ class ModelManifest:
                     )
         check_unique([layer.name for layer in layers if not layer.is_header], source)
         check_unique([layer.name for layer in layers if layer.is_header], source)
+        _check_tree(layers, source)
         return cls(raw, document, Layer.from_json(document["config"]), layers, source)

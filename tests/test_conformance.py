@@ -214,6 +214,7 @@ MANIFEST_REFUSES = {
     "MAN-006-tensor-without-shape": "shape",
     "NAM-001-parent-segment": "weights/../escape.json",
     "NAM-002-duplicate-name": "duplicate layer name 'weights/config.json'",
+    "NAM-003-file-and-directory": "is also the folder of layer",
 }
 VERIFY_REFUSES = {
     **MANIFEST_REFUSES,
@@ -226,20 +227,20 @@ VERIFY_REFUSES = {
     "TNS-006-data-offsets": "data_offsets [0, 10]",
     "TNS-007-trailing-bytes": "needs 12 data bytes",
     "TNS-008-descriptor-shape-mismatch": "[3, 2]",
+    "MAN-004-index-size-mismatch": "index.json says the manifest is",
+    "TNS-003-padding-not-spaces": "padding is not spaces",
+    "TNS-004-tensor-key-not-data": "not 'data'",
+    "CFG-001-config-without-spec-version": "config blob",
+    "FIL-001-json-layer-not-json": "is not valid JSON",
+    "FIL-002-no-model-index": "no model_index.json layer",
+    "FIL-003-component-without-layers": "has no layers under",
+    "FIL-004-header-layer-mismatch": "which has no layer",
 }
-#: Checks the suite enforces that imgpack's own readers do not (yet): reported to the lead, kept visible
-#: as strict xfails so the test flips when a reader starts refusing them.
+#: Checks the suite enforces that Store.verify leaves to others: titles (generic-tool layout only) and the
+#: architecture rules, which `imgpack conformance` and the runtime loader enforce. Strict, so the test flips
+#: when verify starts refusing one of them.
 NOT_REFUSED_BY_STORE = {
-    "MAN-004-index-size-mismatch": "Store.resolve trusts the index digest and ignores the descriptor size",
     "MAN-005-title-not-name": "titles are not checked by ModelManifest.from_bytes",
-    "NAM-003-file-and-directory": "ModelManifest accepts a name that is another name's folder (export then fails)",
-    "TNS-003-padding-not-spaces": "read_header lists non-space padding as a deviation, not an error",
-    "TNS-004-tensor-key-not-data": "read_header accepts any tensor key (ollama's), also in the OCI flavour",
-    "CFG-001-config-without-spec-version": "verify does not validate the config blob",
-    "FIL-001-json-layer-not-json": "verify does not parse JSON layers",
-    "FIL-002-no-model-index": "verify does not look for model_index.json",
-    "FIL-003-component-without-layers": "verify does not read model_index.json",
-    "FIL-004-header-layer-mismatch": "verify does not read header layers (export refuses: tested below)",
     "ARC-002-transformer-config-without-dim": "verify has no architecture rules (the runtime loader refuses)",
     "ARC-003-missing-tensor": "verify has no architecture rules (the runtime loader refuses)",
     "ARC-004-wrong-shape": "verify has no architecture rules (the runtime loader refuses)",
