@@ -309,6 +309,9 @@ class ModelManager:
             from imgpack.runtime.backend import mx
 
             mx.clear_cache()
+            # This runs on the worker thread, the only one that computed with this model. MLX requires each thread
+            # to destroy its own streams before it ends; otherwise the process can abort at exit.
+            mx.clear_streams()
         except ImportError:
             pass
         log.info("unloaded %s", entry.name)

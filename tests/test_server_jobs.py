@@ -220,3 +220,40 @@ def test_api_key_for_cli_clients(start_server, cli, monkeypatch):
     assert cli("ps", "--host", host, "--api-key", "k3y").code == 0
     monkeypatch.setenv("IMGPACK_API_KEY", "k3y")
     assert cli("ps", "--host", host).code == 0
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_serve_command_runs_and_stops_cleanly(server_store, sig):
+    """The real ``imgpack serve`` process: binds loopback, answers, and exits 0 on SIGTERM or Ctrl-C."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import requests
+
+    env = {k: v for k, v in os.environ.items() if k not in ("IMGPACK_HOST", "IMGPACK_API_KEY")}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from imgpack.packager.cli import main; sys.exit(main())",
+         "--store", str(server_store.root), "serve", "--port", "0", "--keep-alive", "1m"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"at (http://127\.0\.0\.1:\d+) ", line)
+        assert match, line
+        url = match.group(1)
+        models = requests.get(url + "/v1/models", timeout=30).json()
+        assert [m["id"] for m in models["data"]] == ["zimage-sharded:latest", "zimage-tiny:latest"]
+        body = {"model": "zimage-tiny", "prompt": "x", "size": "64x64", "steps": 1}
+        assert requests.post(url + "/v1/images/generations", json=body, timeout=30).status_code == 200
+        assert requests.get(url + "/api/ps", timeout=30).json()["models"][0]["keep_alive"] == 60
+        proc.send_signal(getattr(signal, sig))
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        proc.stdout.close()
+        proc.stderr.close()
