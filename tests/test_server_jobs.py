@@ -58,7 +58,7 @@ def test_concurrent_requests_are_all_answered(start_server, reference_png):
 
 def test_jobs_queue_in_arrival_order(start_server, raw_streams):
     srv = start_server()
-    first = raw_streams(srv.url, LONG | {"prompt": "first", "steps": 30})
+    first = raw_streams(srv.url, LONG | {"prompt": "first"})
     assert first.status() == 200
     first_progress(first)
     waiting = []
@@ -69,12 +69,13 @@ def test_jobs_queue_in_arrival_order(start_server, raw_streams):
         srv.wait_for(lambda k=k: srv.ps()[0]["queued"] == k + 1, what=f"{k + 1} queued jobs")
         waiting.append(stream)
     row = srv.ps()[0]
-    assert row["state"] == "busy" and row["running"]["total"] == 30 and row["expires_at"] is None
-    for stream in [first, *waiting]:
+    assert row["state"] == "busy" and row["running"]["total"] == 100 and row["expires_at"] is None
+    first.hang_up()  # the long job ends early; the queue then drains in arrival order
+    for stream in waiting:
         assert [event for event, _ in stream.events()][-1] == "done"
-    order = [job.spec.prompt for job in srv.manager.history]
-    assert order == ["first", "queued 0", "queued 1", "queued 2"]
-    assert [job.state for job in srv.manager.history] == ["done"] * 4
+    order = [(job.spec.prompt, job.state) for job in srv.manager.history]
+    assert order == [("first", "cancelled"), ("queued 0", "done"), ("queued 1", "done"), ("queued 2", "done")]
+    assert [job.finished for job in srv.manager.history] == sorted(job.finished for job in srv.manager.history)
 
 
 def test_disconnect_cancels_a_running_stream(start_server, raw_streams):
