@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import struct
 import subprocess
 import sys
@@ -339,13 +338,14 @@ def run_worker(command: list[str], what: str) -> dict:
 
 
 def steady_step(times: list[float]) -> float:
-    """Median step time after the first (which pays one-off warm-up)."""
-    return statistics.median(times[1:] if len(times) > 1 else times)
+    """Fastest step after the first (which pays one-off warm-up): the least disturbed by other load on the
+    machine, for both sides alike."""
+    return min(times[1:] if len(times) > 1 else times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--sizes", default="256,512")
     parser.add_argument("--diffusers-python", default=DEFAULT_DIFFUSERS_PYTHON)
     parser.add_argument("--work", help="working directory (default: a temp dir, removed afterwards)")
@@ -394,7 +394,8 @@ def main() -> None:
 def report(ours: dict, ref: dict, sizes: list[int], f32_bytes: int, work: Path) -> None:
     print()
     print(f"MLX BLAS: {ours['blas']}")
-    print(f"torch {ref['torch']} with {ref['threads']} threads")
+    print(f"torch {ref['torch']} with {ref['threads']} threads; load average {os.getloadavg()[0]:.1f}"
+          f" on {os.cpu_count()} CPUs (other load on the machine skews both sides)")
     rows = [("load to first step (s)", ours["load_to_first_step"], ref["load_to_first_step"], 0.5)]
     for size in sizes:
         o, r = ours["sizes"][str(size)], ref["sizes"][str(size)]

@@ -180,10 +180,11 @@ class ZImageModel:
         return 2 if self.dtype in (mx.bfloat16, mx.float16) else 4
 
     def weight_bytes(self) -> dict[str, int]:
-        return {
-            name: self.source.weight_bytes(name, model.param_name, self.itemsize)
-            for name, model in self._blueprints.items()
-        }
+        sizes = {}
+        for name, model in self._blueprints.items():
+            itemsize = 4 if name == "vae" and self.vae_config.force_upcast else self.itemsize
+            sizes[name] = self.source.weight_bytes(name, model.param_name, itemsize)
+        return sizes
 
     def activation_bytes(self, width: int, height: int, batch: int) -> int:
         """A generous bound on working memory for one step and for the decode."""
@@ -229,7 +230,8 @@ class ZImageModel:
     def _load(self, name: str):  # noqa: ANN202 - returns the component's own type
         start = time.perf_counter()
         model = self._blueprints[name]
-        self.source.load(name, model, model.param_name, self.dtype)
+        dtype = mx.float32 if name == "vae" and self.vae_config.force_upcast else self.dtype
+        self.source.load(name, model, model.param_name, dtype)
         self.log(f"loaded {name} in {time.perf_counter() - start:.2f}s")
         return model
 

@@ -24,6 +24,8 @@ class VAEConfig:
     shift_factor: float
     mid_block_add_attention: bool = True
     use_post_quant_conv: bool = True
+    #: diffusers decodes in float32 even for bf16 pipelines when this is set (the FLUX VAE sets it).
+    force_upcast: bool = True
 
     @property
     def scale_factor(self) -> int:
@@ -53,6 +55,7 @@ class VAEConfig:
                 shift_factor=float(config.get("shift_factor") or 0.0),
                 mid_block_add_attention=bool(config.get("mid_block_add_attention", True)),
                 use_post_quant_conv=bool(config.get("use_post_quant_conv", True)),
+                force_upcast=bool(config.get("force_upcast", True)),
             )
         except KeyError as e:
             raise ImgpackError(f"{where}: missing field {e.args[0]!r}") from None
