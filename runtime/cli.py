@@ -47,7 +47,12 @@ def _import_runtime():  # noqa: ANN202 - returns the pipeline module
 
 def default_output(seed: int) -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path.cwd() / f"imgpack-{stamp}-{seed}.png"
+    path = Path.cwd() / f"imgpack-{stamp}-{seed}.png"
+    n = 1
+    while path.exists():  # never overwrite an earlier image from the same second and seed
+        path = Path.cwd() / f"imgpack-{stamp}-{seed}-{n}.png"
+        n += 1
+    return path
 
 
 def open_image(path: Path) -> None:

@@ -1,8 +1,8 @@
 """Prompt -> token ids, exactly as the Z-Image pipeline does: chat template, then the tokenizer.json model.
 
 The pipeline wraps the prompt as one user turn with ``add_generation_prompt=True, enable_thinking=True``. For
-Qwen's ChatML template that is ``<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n``; when jinja2 is
-installed and the tokenizer config carries a template, the template itself is rendered instead.
+Qwen's ChatML template that is ``<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n`` (no think block:
+``enable_thinking=True`` adds none); other templates are rendered with jinja2.
 """
 
 from __future__ import annotations
@@ -15,24 +15,23 @@ MAX_SEQUENCE_LENGTH = 512
 
 
 def render_chat(prompt: str, template: str | None) -> str:
-    if template:
-        try:
-            import jinja2.sandbox
-        except ImportError:
-            jinja2 = None  # type: ignore[assignment]
-        if jinja2 is not None:
-            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            return env.from_string(template).render(
-                messages=[{"role": "user", "content": prompt}],
-                add_generation_prompt=True,
-                enable_thinking=True,
-            )
-        if "<|im_start|>" not in template:
-            raise ImgpackError(
-                "tokenizer: the chat template is not ChatML and jinja2 is not installed to render it"
-                " (pip install jinja2)"
-            )
-    return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    """The pipeline's chat-templated prompt: ChatML for Qwen templates (and when there is none); any other
+    template is rendered with jinja2, which must then be installed."""
+    if not template or "<|im_start|>" in template:
+        return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    try:
+        import jinja2.sandbox
+    except ImportError:
+        raise ImgpackError(
+            "tokenizer: the chat template is not ChatML and jinja2 is not installed to render it (pip install jinja2)"
+        ) from None
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    try:
+        return env.from_string(template).render(
+            messages=[{"role": "user", "content": prompt}], add_generation_prompt=True, enable_thinking=True
+        )
+    except jinja2.TemplateError as e:
+        raise ImgpackError(f"tokenizer: the chat template cannot be rendered: {e}") from None
 
 
 class PromptTokenizer:

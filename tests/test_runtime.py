@@ -319,3 +319,19 @@ def test_banded_convolution_equals_whole(monkeypatch) -> None:
     for rows in (1, 2, 7):
         monkeypatch.setattr(vae, "BAND_ELEMENTS", rows * 9 * 6)
         np.testing.assert_allclose(np.array(conv(x)), whole, atol=1e-5)
+
+
+def test_chat_template_rendering() -> None:
+    from imgpack.runtime.tokenizer import render_chat
+
+    chatml = "<|im_start|>user\na fox<|im_end|>\n<|im_start|>assistant\n"
+    assert render_chat("a fox", None) == chatml
+    assert render_chat("a fox", "{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}") == chatml
+    other = "[INST] {{ messages[0]['content'] }} [/INST]"
+    try:
+        import jinja2  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImgpackError, match="not ChatML and jinja2 is not installed"):
+            render_chat("a fox", other)
+    else:
+        assert render_chat("a fox", other) == "[INST] a fox [/INST]"
