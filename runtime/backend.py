@@ -182,4 +182,88 @@ def measure_matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / elapsed / 1e9
 
 
-__all__ = ["BLAS", "BlasInfo", "mx", "nn", "compute_dtype", "available_memory", "measure_matmul_gflops"]
+# -- CPU kernels for transcendental-heavy ops ------------------------------------------------------------
+#
+# MLX's CPU backend evaluates exp/sigmoid one element at a time (~12 ns each here), while numpy's float32 exp is
+# SIMD-vectorised (~0.5 ns). Attention softmax over S x S scores and SiLU over FFN/VAE activations are dominated by
+# exp, so on CPU those two run in numpy, in place on the freshly evaluated MLX buffer (a zero-copy view); the
+# matmuls stay in MLX/BLAS. Set IMGPACK_NUMPY_KERNELS=0 to use plain MLX ops everywhere.
+
+NUMPY_KERNELS_ENV = "IMGPACK_NUMPY_KERNELS"
+#: Attention scores are materialised at most this many floats at a time (query rows are chunked to fit).
+ATTENTION_CHUNK = 64 * 1024 * 1024
+
+
+def numpy_kernels() -> bool:
+    return is_cpu() and os.environ.get(NUMPY_KERNELS_ENV, "1") != "0"
+
+
+def _writable_view(array: mx.array):  # noqa: ANN202 - numpy array
+    """A numpy view of an evaluated, freshly computed MLX array (the caller holds its only reference)."""
+    import numpy as np
+
+    try:
+        view = np.array(array, copy=False)
+    except (ValueError, TypeError):
+        return None
+    if not (view.flags.writeable and view.flags.c_contiguous and view.dtype == np.float32):
+        return None
+    return view
+
+
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x); on CPU computed by numpy in place over ``x``'s buffer (``x`` must not be used again)."""
+    if not numpy_kernels() or x.dtype != mx.float32:
+        return nn.silu(x)
+    mx.eval(x)
+    view = _writable_view(x)
+    if view is None:
+        return nn.silu(x)
+    import numpy as np
+
+    denom = np.negative(view)
+    np.exp(denom, out=denom)
+    denom += 1.0
+    np.divide(view, denom, out=view)
+    return x
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
+    """softmax(q k^T * scale) v over (batch, heads, tokens, head_dim), ``mask`` True where keys may be seen.
+
+    On CPU the scores are built chunk by chunk of query rows (bounded memory at any resolution) and the softmax
+    runs in numpy; elsewhere this is MLX's fused kernel.
+    """
+    if not numpy_kernels() or q.dtype != mx.float32 or k.shape[1] != q.shape[1]:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    import numpy as np
+
+    b, h, n_q, _ = q.shape
+    n_k = k.shape[2]
+    rows = max(1, min(n_q, ATTENTION_CHUNK // max(1, b * h * n_k)))
+    q = q * scale
+    mx.eval(q, k, v)
+    keys_t = k.swapaxes(-1, -2)
+    outs = []
+    for start in range(0, n_q, rows):
+        scores = q[:, :, start : start + rows] @ keys_t
+        if mask is not None:
+            scores = mx.where(mask, scores, mx.array(-np.inf, dtype=scores.dtype))
+        mx.eval(scores)
+        view = _writable_view(scores)
+        if view is None:
+            probs = mx.softmax(scores, axis=-1)
+        else:
+            view -= view.max(axis=-1, keepdims=True)
+            np.exp(view, out=view)
+            view /= view.sum(axis=-1, keepdims=True)
+            probs = scores
+        out = probs @ v
+        mx.eval(out)
+        outs.append(out)
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+
+__all__ = [
+    "silu",
+    "attention","BLAS", "BlasInfo", "mx", "nn", "compute_dtype", "available_memory", "measure_matmul_gflops"]

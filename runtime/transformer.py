@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from imgpack.runtime.backend import mx, nn
+from imgpack.runtime.backend import attention, mx, nn, silu
 from imgpack.schemas.errors import ImgpackError
 
 SEQ_MULTIPLE = 32
@@ -151,7 +151,7 @@ class Attention(nn.Module):
             q, k = self.norm_q(q), self.norm_k(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        out = attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
         return self.to_out(out.transpose(0, 2, 1, 3).reshape(b, s, -1))
 
 
@@ -163,7 +163,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
+        return self.w2(silu(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from imgpack.runtime.backend import mx, nn
+from imgpack.runtime.backend import attention, mx, nn, silu
 from imgpack.schemas.errors import ImgpackError
 
 
@@ -130,8 +130,8 @@ class ResnetBlock(nn.Module):
         self.has_shortcut = in_ch != out_ch
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(nn.silu(self.norm1(x)))
-        h = self.conv2(nn.silu(self.norm2(h)))
+        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv2(silu(self.norm2(h)))
         return (self.conv_shortcut(x) if self.has_shortcut else x) + h
 
 
@@ -150,7 +150,7 @@ class AttentionBlock(nn.Module):
         b, h, w, c = x.shape
         y = self.group_norm(x).reshape(b, 1, h * w, c)
         q, k, v = self.to_q(y), self.to_k(y), self.to_v(y)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=c**-0.5)
+        out = attention(q, k, v, scale=c**-0.5)
         return x + self.to_out(out).reshape(b, h, w, c)
 
 
@@ -213,7 +213,7 @@ class Decoder(nn.Module):
         for block in self.up_blocks:
             x = block(x)
             mx.eval(x)  # keep the graph, and so the live activations, to one block
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))
 
 
 class VAEDecoder(nn.Module):

@@ -335,3 +335,20 @@ def test_chat_template_rendering() -> None:
             render_chat("a fox", other)
     else:
         assert render_chat("a fox", other) == "[INST] a fox [/INST]"
+
+
+def test_cpu_kernels_match_mlx_ops(monkeypatch) -> None:
+    """The numpy softmax/SiLU paths (chunked over query rows, with a key mask) equal MLX's own ops."""
+    from imgpack.runtime import backend
+
+    key = mx.random.key(7)
+    q, k, v = (mx.random.normal((2, 3, 37, 16), key=mx.random.split(key, 3)[i]) for i in range(3))
+    mask = mx.array(np.arange(37)[None, None, None, :] < np.array([37, 29])[:, None, None, None])
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+    for chunk in (backend.ATTENTION_CHUNK, 2 * 3 * 37 * 5, 1):
+        monkeypatch.setattr(backend, "ATTENTION_CHUNK", chunk)
+        got = backend.attention(q, k, v, 0.25, mask)
+        np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5)
+    x = mx.random.normal((5, 300), key=key) * 4
+    want_silu = np.array(x * mx.sigmoid(x))
+    np.testing.assert_allclose(np.array(backend.silu(x * 1.0)), want_silu, atol=1e-5)
