@@ -446,6 +446,10 @@ class RegistryClient:
             challenge = resp.headers.get("WWW-Authenticate")
             resp.close()
             self.authorizer.handle_challenge(challenge, scope, sent)
+            if body is not None and not isinstance(body, bytes) and not callable(body):
+                # A streamed body was consumed by the refused attempt; the caller restarts the upload
+                # and its next request carries the fresh authorization.
+                raise TransferError(f"{self.host}: authorization expired during {method} {safe_url(url)}")
             retried = self.authorizer.header(scope)
             if retried:
                 request_headers["Authorization"] = retried
