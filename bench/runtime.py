@@ -337,6 +337,21 @@ def run_worker(command: list[str], what: str) -> dict:
     return result
 
 
+def best_of(runs: list[dict]) -> dict:
+    """Merge rounds: each timing at its best (least disturbed by other load), peak RSS at its worst."""
+    best = dict(runs[0])
+    best["load_to_first_step"] = min(r["load_to_first_step"] for r in runs)
+    best["peak_rss"] = max(r["peak_rss"] for r in runs)
+    best["sizes"] = {
+        size: {
+            "step_times": [min(steps) for steps in zip(*(r["sizes"][size]["step_times"] for r in runs))],
+            "decode": min(r["sizes"][size]["decode"] for r in runs),
+        }
+        for size in runs[0]["sizes"]
+    }
+    return best
+
+
 def steady_step(times: list[float]) -> float:
     """Fastest step after the first (which pays one-off warm-up): the least disturbed by other load on the
     machine, for both sides alike."""
@@ -348,6 +363,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--sizes", default="256,512")
     parser.add_argument("--diffusers-python", default=DEFAULT_DIFFUSERS_PYTHON)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternate the two sides this many times and keep each side's best timings")
     parser.add_argument("--work", help="working directory (default: a temp dir, removed afterwards)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
@@ -379,12 +396,15 @@ def main() -> None:
         print("parameters: " + ", ".join(f"{k} {v / 1e6:.0f} M" for k, v in params.items())
               + f"; weights at float32 {f32_bytes / 2**30:.2f} GiB", flush=True)
 
-        print("running diffusers ...", flush=True)
-        ref = run_worker([args.diffusers_python, "-c", DIFFUSERS_WORKER, str(model_dir), json.dumps(sizes),
-                          str(args.steps), str(SEED), PROMPT, str(work)], "diffusers")
-        print("running imgpack (MLX) ...", flush=True)
-        ours = run_worker([sys.executable, __file__, "--worker", "mlx", "--store", str(store_dir), "--sizes",
-                           args.sizes, "--steps", str(args.steps), "--out", str(work)], "MLX")
+        refs, mine = [], []
+        for round_no in range(1, args.rounds + 1):
+            print(f"round {round_no}/{args.rounds}: diffusers ...", flush=True)
+            refs.append(run_worker([args.diffusers_python, "-c", DIFFUSERS_WORKER, str(model_dir), json.dumps(sizes),
+                                    str(args.steps), str(SEED), PROMPT, str(work)], "diffusers"))
+            print(f"round {round_no}/{args.rounds}: imgpack (MLX) ...", flush=True)
+            mine.append(run_worker([sys.executable, __file__, "--worker", "mlx", "--store", str(store_dir),
+                                    "--sizes", args.sizes, "--steps", str(args.steps), "--out", str(work)], "MLX"))
+        ref, ours = best_of(refs), best_of(mine)
         report(ours, ref, sizes, f32_bytes, work)
     finally:
         if not args.work:

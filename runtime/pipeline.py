@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from imgpack.packager.store import Store
-from imgpack.runtime.backend import available_memory, compute_dtype, is_cpu, mx
+from imgpack.runtime.backend import ATTENTION_CHUNK, available_memory, compute_dtype, is_cpu, mx
 from imgpack.runtime.scheduler import FlowMatchConfig, FlowMatchEulerScheduler
 from imgpack.runtime.text_encoder import Qwen3Config, Qwen3TextEncoder
 from imgpack.runtime.tokenizer import MAX_SEQUENCE_LENGTH, PromptTokenizer
@@ -192,12 +192,14 @@ class ZImageModel:
         tokens = (height // (vcfg.scale_factor * cfg.patch_size)) * (width // (vcfg.scale_factor * cfg.patch_size))
         seq = tokens + MAX_SEQUENCE_LENGTH + 2 * SEQ_MULTIPLE
         size = self.itemsize
-        attention = batch * cfg.n_heads * seq * seq * 4
+        # Scores are materialised a chunk of query rows at a time (backend.attention), never all S x S at once.
+        attention = min(batch * cfg.n_heads * seq * seq, ATTENTION_CHUNK) * 4
         hidden = batch * seq * (8 * cfg.dim + 3 * cfg.ffn_dim) * size
         step = attention + hidden
         pixels = width * height
-        decode = pixels * vcfg.block_out_channels[0] * 4 * 6 + (pixels // vcfg.scale_factor**2) ** 2 * 4
-        return max(step, decode)
+        # The widest full-resolution activations: a few tensors of 2x the first block's channels, in float32.
+        decode = pixels * vcfg.block_out_channels[min(1, len(vcfg.block_out_channels) - 1)] * 4 * 3
+        return max(step, decode + ATTENTION_CHUNK * 4)
 
     def plan_memory(self, request: GenerationRequest, available: int | None = None) -> int:
         """Decide whether the text encoder stays loaded; raise (need X GB, have Y GB) if nothing fits."""
