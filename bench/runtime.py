@@ -344,7 +344,9 @@ def best_of(runs: list[dict]) -> dict:
     best["peak_rss"] = max(r["peak_rss"] for r in runs)
     best["sizes"] = {
         size: {
-            "step_times": [min(steps) for steps in zip(*(r["sizes"][size]["step_times"] for r in runs))],
+            "step_times": [
+                min(steps) for steps in zip(*(r["sizes"][size]["step_times"] for r in runs), strict=True)
+            ],
             "decode": min(r["sizes"][size]["decode"] for r in runs),
         }
         for size in runs[0]["sizes"]
