@@ -164,6 +164,25 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_save(args: argparse.Namespace) -> int:
+    from imgpack.packager.archive import save
+
+    size = save(Store.open(args.store), args.refs, args.output, level=args.level)
+    if not args.quiet:
+        ui.out.print(f"Saved {', '.join(args.refs)} to {args.output} ({ui.human_bytes(size)})")
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from imgpack.packager.archive import load
+
+    result = load(Store.open(args.store), args.archive)
+    if not args.quiet:
+        ui.out.print(f"Loaded {', '.join(result.references)}: {result.blobs} blobs"
+                     f" ({result.new_blobs} new, {ui.human_bytes(result.bytes)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="imgpack", description="Ship image-generation models through OCI registries.")
     parser.add_argument("--store", metavar="DIR", help="store directory (default: $IMGPACK_HOME or ~/.imgpack)")
@@ -207,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", metavar="REF", nargs="?")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("save", help="write models to one .tar.zst archive (an OCI layout) for offline transfer")
+    p.add_argument("refs", metavar="REF", nargs="+")
+    p.add_argument("-o", "--output", metavar="FILE", required=True, help="archive to write, e.g. model.tar.zst")
+    p.add_argument("--level", type=int, default=3, metavar="N", help="zstd level (default 3)")
+    p.set_defaults(func=cmd_save)
+
+    p = sub.add_parser("load", help="add the models of a 'save' archive to the store, verifying every blob")
+    p.add_argument("archive", metavar="FILE")
+    p.set_defaults(func=cmd_load)
 
     p = sub.add_parser("prune", help="delete blobs no manifest references")
     p.set_defaults(func=cmd_prune)
