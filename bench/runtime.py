@@ -104,26 +104,6 @@ MODEL_INDEX = {
 # -- the random model ------------------------------------------------------------------------------
 
 
-def to_torch_key(component: str, param: str) -> str:
-    """Invert the runtime's key mapping: MLX parameter path -> diffusers/transformers checkpoint key."""
-    if component == "text_encoder":
-        return "model." + param
-    if component == "vae":
-        return param.replace(".to_out.", ".to_out.0.")
-    for prefix, target in (
-        ("x_embedder.", "all_x_embedder.2-1."),
-        ("final_layer.adaLN_modulation.", "all_final_layer.2-1.adaLN_modulation.1."),
-        ("final_layer.", "all_final_layer.2-1."),
-        ("t_embedder.linear_1.", "t_embedder.mlp.0."),
-        ("t_embedder.linear_2.", "t_embedder.mlp.2."),
-        ("cap_norm.", "cap_embedder.0."),
-        ("cap_proj.", "cap_embedder.1."),
-    ):
-        if param.startswith(prefix):
-            return target + param[len(prefix) :]
-    return param.replace(".adaLN_modulation.", ".adaLN_modulation.0.").replace(".to_out.", ".to_out.0.")
-
-
 def runtime_shapes() -> dict[str, dict[str, list[int]]]:
     """Checkpoint key -> torch-layout shape for each component, from the runtime's own module definitions."""
     from dataclasses import replace
@@ -147,7 +127,7 @@ def runtime_shapes() -> dict[str, dict[str, list[int]]]:
             shape = list(array.shape)
             if len(shape) == 4:  # MLX (O, kh, kw, I) -> torch (O, I, kh, kw)
                 shape = [shape[0], shape[3], shape[1], shape[2]]
-            shapes[to_torch_key(name, param)] = shape
+            shapes[model.checkpoint_key(param)] = shape
         out[name] = shapes
     out["text_encoder"]["model.norm.weight"] = [TEXT_ENCODER["hidden_size"]]
     out["vae"].update(vae_encoder_shapes())

@@ -125,6 +125,10 @@ class Qwen3TextEncoder(nn.Module):
             x = layer(x)
         return x
 
+    def checkpoint_key(self, param: str) -> str:
+        """As saved by ``Qwen3ForCausalLM`` (with ``model.``); keys without the prefix load too."""
+        return "model." + param
+
     def param_name(self, key: str) -> str | None:
         """Manifest key -> parameter path; accepts keys with or without ``model.``, drops unused tensors."""
         if key.startswith("model."):

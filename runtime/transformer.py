@@ -35,8 +35,9 @@ class ZImageConfig:
     axes_lens: list[int] = field(default_factory=lambda: [1024, 512, 512])
     patch_size: int = 2
     f_patch_size: int = 1
-    # Sizes of the timestep MLP, taken from the weights (diffusers fixes them in code, we do not).
+    #: Sinusoidal frequencies of the timestep embedding: part of the architecture (diffusers' constant).
     t_freq_dim: int = 256
+    #: Hidden width of the timestep MLP; diffusers fixes it in code, we read it from the weights.
     t_mid_dim: int = 1024
 
     @property
@@ -55,8 +56,11 @@ class ZImageConfig:
     def from_dict(
         cls, config: dict[str, Any], tensor_shapes: dict[str, list[int]], where: str = "transformer/config.json"
     ) -> ZImageConfig:
-        known = set(cls.__dataclass_fields__)
+        known = set(cls.__dataclass_fields__) - {"t_freq_dim", "t_mid_dim", "patch_size", "f_patch_size"}
         values = {k: v for k, v in config.items() if k in known}
+        for required in ("dim", "n_layers", "n_heads", "cap_feat_dim"):
+            if not isinstance(config.get(required), int) or config[required] <= 0:
+                raise ImgpackError(f"{where}: field {required!r} is missing or not a positive integer")
         if config.get("siglip_feat_dim"):
             raise ImgpackError(f"{where}: siglip_feat_dim is set (Z-Image Omni); only text-to-image is supported")
         patches = list(config.get("all_patch_size", [2]))
@@ -71,7 +75,7 @@ class ZImageConfig:
             raise ImgpackError(f"{where}: n_kv_heads {n_kv} != n_heads; Z-Image attention uses n_heads for K and V")
         mid = tensor_shapes.get("t_embedder.mlp.0.weight")
         if mid and len(mid) == 2:
-            values["t_mid_dim"], values["t_freq_dim"] = int(mid[0]), int(mid[1])
+            values["t_mid_dim"] = int(mid[0])
         try:
             cfg = cls(**values)
         except TypeError as e:
@@ -245,6 +249,23 @@ class ZImageTransformer(nn.Module):
             if key.startswith(old):
                 key = new + key[len(old) :]
         return key.replace(".adaLN_modulation.0.", ".adaLN_modulation.").replace(".to_out.0.", ".to_out.")
+
+    def checkpoint_key(self, param: str) -> str:
+        """Parameter path -> diffusers checkpoint key (the inverse of ``param_name``), for messages and tools."""
+        cfg = self.config
+        patch_key = f"{cfg.patch_size}-{cfg.f_patch_size}"
+        for prefix, target in (
+            ("x_embedder.", f"all_x_embedder.{patch_key}."),
+            ("final_layer.adaLN_modulation.", f"all_final_layer.{patch_key}.adaLN_modulation.1."),
+            ("final_layer.", f"all_final_layer.{patch_key}."),
+            ("t_embedder.linear_1.", "t_embedder.mlp.0."),
+            ("t_embedder.linear_2.", "t_embedder.mlp.2."),
+            ("cap_norm.", "cap_embedder.0."),
+            ("cap_proj.", "cap_embedder.1."),
+        ):
+            if param.startswith(prefix):
+                return target + param[len(prefix) :]
+        return param.replace(".adaLN_modulation.", ".adaLN_modulation.0.").replace(".to_out.", ".to_out.0.")
 
     # -- forward -------------------------------------------------------------------------------------
 

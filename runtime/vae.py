@@ -240,3 +240,6 @@ class VAEDecoder(nn.Module):
         if key.startswith("post_quant_conv.") and not self.config.use_post_quant_conv:
             return None
         return key.replace(".to_out.0.", ".to_out.")
+
+    def checkpoint_key(self, param: str) -> str:
+        return param.replace(".to_out.", ".to_out.0.")

@@ -119,7 +119,12 @@ class ModelSource:
             plan[param] = layer
         missing = sorted(set(params) - set(plan))
         if missing:
-            names = ", ".join(repr(f"{component}/{p}") for p in missing[:5])
+            to_key = getattr(model, "checkpoint_key", lambda p: p)
+            unprefixed = not any(k.startswith("model.") for k in layers)
+            keys = [to_key(p) for p in missing[:5]]
+            if unprefixed:  # name them as this manifest spells its keys
+                keys = [k.removeprefix("model.") for k in keys]
+            names = ", ".join(repr(f"{component}/{k}") for k in keys)
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise ImgpackError(f"{self.where}: the manifest lacks tensor {names}{more}, needed by the {component}")
         return plan
