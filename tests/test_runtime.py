@@ -7,6 +7,7 @@ token ids exactly, the prompt embedding, one transformer forward, the sigmas and
 
 from __future__ import annotations
 
+import re
 import threading
 
 import numpy as np
@@ -200,15 +201,23 @@ def test_text_encoder_keys_without_model_prefix(runtime_store, edit_manifest) ->
     assert_close(got, ref.data["prompt_embeds"], "prompt_embeds without model. prefix")
 
 
-def test_missing_tensor_is_named(runtime_store, edit_manifest) -> None:
-    victim = "transformer/layers.1.feed_forward.w2.weight"
-
+@pytest.mark.parametrize(
+    "victim",
+    [
+        "transformer/layers.1.feed_forward.w2.weight",
+        "transformer/cap_embedder.1.weight",  # renamed inside the runtime; named as the manifest spells it
+        "transformer/all_final_layer.2-1.adaLN_modulation.1.bias",
+        "text_encoder/model.layers.1.self_attn.k_norm.weight",
+        "vae/decoder.mid_block.attentions.0.to_out.0.weight",
+    ],
+)
+def test_missing_tensor_is_named(runtime_store, edit_manifest, victim: str) -> None:
     def drop(doc: dict) -> None:
         doc["layers"] = [layer for layer in doc["layers"] if layer.get("name") != victim]
 
-    edit_manifest("zimage-tiny:latest", "missing:latest", drop)
-    with pytest.raises(ImgpackError, match=r"lacks tensor 'transformer/layers\.1\.feed_forward\.w2\.weight'"):
-        ZImageModel.open(runtime_store, "missing:latest")
+    ref = edit_manifest("zimage-tiny:latest", "missing:latest", drop)
+    with pytest.raises(ImgpackError, match=f"lacks tensor '{re.escape(victim)}', needed by the"):
+        ZImageModel.open(runtime_store, ref)
 
 
 def test_wrong_shape_is_named(runtime_store, edit_manifest) -> None:
