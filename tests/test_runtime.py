@@ -361,3 +361,18 @@ def test_cpu_kernels_match_mlx_ops(monkeypatch) -> None:
     x = mx.random.normal((5, 300), key=key) * 4
     want_silu = np.array(x * mx.sigmoid(x))
     np.testing.assert_allclose(np.array(backend.silu(x * 1.0)), want_silu, atol=1e-5)
+
+
+def test_blob_disagreeing_with_manifest_is_named(runtime_store, edit_manifest) -> None:
+    """A manifest whose descriptor points at a blob holding another shape: refused at load, tensor named."""
+
+    def swap(doc: dict) -> None:
+        by_name = {layer.get("name"): layer for layer in doc["layers"]}
+        donor = by_name["transformer/all_x_embedder.2-1.weight"]  # (64, 64): bigger than the victim
+        victim = by_name["transformer/t_embedder.mlp.0.bias"]  # (1024,)
+        victim["digest"], victim["size"] = donor["digest"], donor["size"]
+
+    ref = edit_manifest("zimage-tiny:latest", "swapped:latest", swap)
+    model = ZImageModel.open(runtime_store, ref)
+    with pytest.raises(ImgpackError, match=r"'transformer/t_embedder\.mlp\.0\.bias': blob holds shape \[64, 64\]"):
+        model.load_transformer()
