@@ -61,8 +61,10 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> Run:
     """Run one process to completion; its wall time and peak RSS.
 
     Peak RSS is VmHWM polled from /proc while the process runs (wait4's ru_maxrss would also count
-    the forked image of this benchmark process before exec).
+    the forked image of this benchmark process before exec).  Dirty pages are flushed first so
+    no run pays for the previous run's disk writes.
     """
+    os.sync()
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     deadline = started + RUN_TIMEOUT_S

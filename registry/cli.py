@@ -18,7 +18,7 @@ from imgpack.packager.store import Store
 from imgpack.registry import credentials
 from imgpack.registry.blobsources import BlobSources
 from imgpack.registry.copy import CopyResult, copy_model
-from imgpack.registry.endpoints import Clients, open_endpoint
+from imgpack.registry.endpoints import Clients, Endpoint, open_endpoint
 from imgpack.registry.local import LocalLayout
 from imgpack.registry.progress import JsonReporter, Reporter, RichReporter
 from imgpack.registry.remote import RemoteRepository
@@ -94,14 +94,28 @@ def _summary(operation: str, result: CopyResult) -> str:
     )
 
 
-def run_copy(args: argparse.Namespace, operation: str, source: str, destination: str | None, local_name: str | None):
-    """Shared body of push, pull and copy; ``destination`` None means the store, as ``local_name``."""
+def run_copy(
+    args: argparse.Namespace,
+    operation: str,
+    source: str,
+    destination: str | None,
+    local_name: str | None,
+    source_in_store: bool = False,
+):
+    """Shared body of push, pull and copy.
+
+    ``destination`` None means the store, under ``local_name``; ``source_in_store`` reads the
+    source from the store even when its name carries a registry host (``imgpack push host/repo:tag``).
+    """
     cancel = threading.Event()
     clients = Clients(_options(args, cancel))
     store = Store.open(getattr(args, "store", None))
     reporter = _reporter(args, operation)
     try:
-        src = open_endpoint(source, store=store, clients=clients, write=False, cancel=cancel)
+        if source_in_store and not source.startswith("oci:"):
+            src = Endpoint(LocalLayout(store, cancel=cancel), str(Reference.parse(source)), "store")
+        else:
+            src = open_endpoint(source, store=store, clients=clients, write=False, cancel=cancel)
         if destination is None:
             dst_target, dst_ref = LocalLayout(store, cancel=cancel), local_name
         else:
@@ -137,7 +151,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         raise UsageError(
             f"push: {destination!r} has no registry host; use `imgpack push {args.ref} HOST[:PORT]/REPO:TAG`"
         )
-    return run_copy(args, "Pushed", source, destination, None)
+    return run_copy(args, "Pushed", source, destination, None, source_in_store=True)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

@@ -284,3 +284,17 @@ def test_ollama_flavour_round_trips_byte_exactly(cli, store, make_model, open_re
     for blob in manifest.blobs:
         assert Path(pulled.blob_path(blob.digest)).read_bytes() == Path(store.blob_path(blob.digest)).read_bytes()
     assert pulled.verify().ok
+
+
+def test_push_store_entry_named_after_its_registry(cli, store, make_model, open_registry, tmp_path):
+    make_model(store, "named:1", {"vae": 34})
+    dest = f"{open_registry.host}/named:1"
+    assert cli("tag", "named:1", dest).code == 0
+    result = cli("push", dest)
+    assert result.code == 0, result.err
+    assert remote_manifest(open_registry.host, "named", "1").content == store.get_manifest("named:1").raw
+    # Pulling it back into the same store is a no-op.
+    again = cli("pull", dest, "--json")
+    assert again.code == 0
+    done = json.loads(again.out.splitlines()[-1])
+    assert done["up_to_date"] is True and done["bytes_moved"] == 0
