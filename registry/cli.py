@@ -141,6 +141,9 @@ def run_copy(
         clients.close()
     if not args.json and not getattr(args, "quiet", False):
         print(_summary(operation, result))
+        if destination is None and local_name is None:
+            ref = Reference.parse(source)
+            print(f"  stored untagged; refer to it as {ref.name}@{result.digest}")
     return 0
 
 

@@ -171,3 +171,37 @@ def test_pull_killed_with_sigkill_resumes(store, make_model, open_registry, faul
     verify = subprocess.run([*command, "verify"], env=env, timeout=120, capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert Store.open(target).resolve(f"{fault_proxy.host}/kill:1")[1] == manifest.digest
+
+
+def test_ctrl_c_stops_quickly_and_keeps_partials(store, make_model, open_registry, fault_proxy, tmp_path, cli):
+    make_model(store, "sigint:1", {"transformer": 86}, tensors=3, rows=8192)
+    assert cli("push", "sigint:1", f"{open_registry.host}/sigint:1").code == 0
+    fault_proxy.add("GET", BLOB_GET, "throttle", times=1000, arg=200_000)
+    target = tmp_path / "s"
+    command = [sys.executable, "-m", "imgpack.packager.cli", "--store", str(target)]
+    proc = subprocess.Popen(
+        [*command, "pull", f"{fault_proxy.host}/sigint:1"], stderr=subprocess.PIPE, text=True, env=dict(os.environ)
+    )
+    ingest = target / ".imgpack" / "ingest"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        if ingest.exists() and sum(p.stat().st_size for p in ingest.glob("*.partial")) > 100_000:
+            break
+    proc.send_signal(signal.SIGINT)
+    interrupted_at = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - interrupted_at < 5
+    assert "interrupted" in err
+    kept = sum(p.stat().st_size for p in ingest.glob("*.partial"))
+    assert kept > 100_000
+    assert Store.open(target).list() == []
+    fault_proxy.faults.clear()
+    assert cli("pull", f"{fault_proxy.host}/sigint:1", store=target).code == 0
+    assert Store.open(target).verify().ok
