@@ -178,3 +178,21 @@ def test_registry_token_from_environment_is_sent_as_bearer(token_registry, token
             client.request("GET", "/v2/other/x/tags/list", scope=("repository:other/x:pull",))
     finally:
         client.close()
+
+
+def test_copy_between_two_registries_streams_blobs(
+    cli, store, make_model, open_registry, htpasswd_registry, monkeypatch
+):
+    monkeypatch.setenv("IMGPACK_REGISTRY_USER", USER)
+    monkeypatch.setenv("IMGPACK_REGISTRY_PASSWORD", PASSWORD)
+    make_model(store, "x:1", {"transformer": 75, "vae": 76}, tensors=3, rows=2048)
+    manifest = store.get_manifest("x:1")
+    assert cli("push", "x:1", f"{open_registry.host}/cross:1").code == 0
+    result = cli("copy", f"{open_registry.host}/cross:1", f"{htpasswd_registry.host}/cross:1", "--json")
+    assert result.code == 0, result.err
+    done = json.loads(result.out.splitlines()[-1])
+    assert done["transferred"] == len({b.digest for b in manifest.blobs})
+    assert done["bytes_moved"] == sum({b.digest: b.size for b in manifest.blobs}.values())
+    pulled = cli("pull", f"{htpasswd_registry.host}/cross:1")
+    assert pulled.code == 0
+    assert store.get_manifest(f"{htpasswd_registry.host}/cross:1").raw == manifest.raw
