@@ -136,24 +136,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    print(f"python      {platform.python_version()} ({sys.executable})")
+    print(f"{'python':<15}{platform.python_version()} ({sys.executable})")
     for dist in ("mlx", "tokenizers", "pillow", "cmeel-openblas"):
         try:
             version = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             version = "not installed"
-        print(f"{dist:<11} {version}")
+        print(f"{dist:<15}{version}")
     try:
         from imgpack.runtime import backend
     except ImportError as e:
         raise ImgpackError(f"the MLX runtime is not available ({e}); install it with: {INSTALL_HINT}") from None
-    print(f"device      {backend.device_name()}")
-    print(f"BLAS        {backend.BLAS.describe()}")
+    print(f"{'device':<15}{backend.device_name()}")
+    print(f"{'BLAS':<15}{backend.BLAS.describe()}")
     for note in backend.BLAS.notes if backend.BLAS.library else []:
-        print(f"            {note}")
-    print(f"memory      {backend.available_memory() / 1024**3:.1f} GB available")
+        print(f"{'':<15}{note}")
+    print(f"{'memory':<15}{backend.available_memory() / 1024**3:.1f} GB available")
     gflops = backend.measure_matmul_gflops(args.matmul_size)
-    print(f"matmul      {gflops:.1f} GFLOP/s (float32 {args.matmul_size}x{args.matmul_size})")
+    print(f"{'matmul':<15}{gflops:.1f} GFLOP/s (float32 {args.matmul_size}x{args.matmul_size})")
     if backend.is_cpu() and platform.system() == "Linux" and not backend.BLAS.library:
         print(f"warning: MLX uses its slow reference BLAS; install cmeel-openblas ({INSTALL_HINT})")
     return 0
@@ -174,7 +174,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_run)
 
     p = subparsers.add_parser("doctor", help="check the MLX runtime: versions, device, BLAS and matmul speed")
-    p.add_argument("--matmul-size", type=int, default=1024, metavar="N", help=argparse.SUPPRESS)
+    p.add_argument("--matmul-size", type=int, default=2048, metavar="N", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_doctor)
 
     from imgpack.runtime.server_cli import register as register_server  # serve, ps, stop and run --host
