@@ -35,6 +35,8 @@ from imgpack.schemas.reference import Reference
 if TYPE_CHECKING:
     from imgpack.packager.verify import VerifyReport
 
+#: Index annotation of a manifest pulled by digest: kept in the index (and so by prune) without a tag.
+PINNED_ANNOTATION = "io.imgpack.pinned"
 OCI_LAYOUT = {"imageLayoutVersion": "1.0.0"}
 CHUNK = 4 * 1024 * 1024
 
@@ -316,7 +318,7 @@ class Store:
         """(reference, manifest digest) for every tagged model, sorted by reference."""
         out = []
         for entry in self._read_index()["manifests"]:
-            ref = (entry.get("annotations") or {}).get(spec.REF_NAME_ANNOTATION)
+            ref = _entry_name(entry)
             if ref:
                 out.append((ref, entry["digest"]))
         return sorted(out)
@@ -367,18 +369,25 @@ class Store:
         return digest
 
     def _set_ref(self, ref: Reference, digest: str, manifest: ModelManifest) -> None:
-        key = str(ref.with_tag(ref.tag or "latest"))
-        entry: dict = {"mediaType": manifest.media_type, "digest": digest, "size": len(manifest.raw)}
-        if manifest.flavour == "oci":
+        if ref.tag is None:
+            # Pulled by digest: indexed (so prune keeps it) under a pin annotation, not as a tag.
+            self.set_ref_name(str(ref), digest, manifest.media_type, len(manifest.raw), PINNED_ANNOTATION)
+        else:
+            self.set_ref_name(str(ref.with_tag(ref.tag)), digest, manifest.media_type, len(manifest.raw))
+
+    def set_ref_name(self, name: str, digest: str, media_type: str, size: int,
+                     annotation: str = spec.REF_NAME_ANNOTATION) -> None:
+        """Point the index entry called ``name`` at a manifest, verbatim (OCI layouts written by other tools
+        use bare tags such as ``v1``); any earlier entry of that name is replaced."""
+        entry: dict = {"mediaType": media_type, "digest": digest, "size": size}
+        if media_type == spec.OCI_MANIFEST:
             entry["artifactType"] = spec.ARTIFACT_TYPE
-        entry["annotations"] = {spec.REF_NAME_ANNOTATION: key}
+        entry["annotations"] = {annotation: name}
         with self.locked():
             index = self._read_index()
-            kept = [
-                e for e in index["manifests"] if (e.get("annotations") or {}).get(spec.REF_NAME_ANNOTATION) != key
-            ]
+            kept = [e for e in index["manifests"] if _entry_name(e) != name]
             kept.append(entry)
-            kept.sort(key=lambda e: (e.get("annotations") or {}).get(spec.REF_NAME_ANNOTATION, ""))
+            kept.sort(key=_entry_name)
             index["manifests"] = kept
             self._write_index(index)
 
@@ -394,12 +403,10 @@ class Store:
     def remove(self, ref: str) -> str:
         """Untag a model; its blobs stay until ``prune``."""
         parsed, digest = self.resolve(ref)
-        key = str(parsed.with_tag(parsed.tag or "latest"))
+        key = str(parsed.with_tag(parsed.tag)) if parsed.tag else str(parsed)
         with self.locked():
             index = self._read_index()
-            kept = [
-                e for e in index["manifests"] if (e.get("annotations") or {}).get(spec.REF_NAME_ANNOTATION) != key
-            ]
+            kept = [e for e in index["manifests"] if _entry_name(e) != key]
             if len(kept) == len(index["manifests"]):
                 raise NotFoundError(f"model {key} is not tagged in the store {self.root}")
             index["manifests"] = kept
@@ -449,6 +456,12 @@ class Store:
     def index_entries(self) -> list[dict]:
         """The raw ``index.json`` descriptors (for checks that compare them with the manifests they name)."""
         return list(self._read_index()["manifests"])
+
+
+def _entry_name(entry: dict) -> str:
+    """The name an index entry is known by: its ref.name, or the digest reference it was pulled as."""
+    annotations = entry.get("annotations") or {}
+    return annotations.get(spec.REF_NAME_ANNOTATION) or annotations.get(PINNED_ANNOTATION) or ""
 
 
 def _encode_index(index: dict) -> bytes:

@@ -12,13 +12,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
 
-from imgpack.packager.store import Store, write_atomic
+from imgpack.packager.store import Store
 from imgpack.registry.target import FileBlobSource, ManifestInfo, ProgressFn
 from imgpack.registry.transport import Cancelled
-from imgpack.schemas import spec
 from imgpack.schemas.digest import is_digest
 from imgpack.schemas.errors import IntegrityError, NotFoundError
 from imgpack.schemas.manifest import Layer, ModelManifest
@@ -178,19 +176,4 @@ def _hash_prefix(fh, hasher, limit: int) -> int:
 
 def _set_plain_tag(store: Store, tag: str, manifest: ManifestInfo) -> None:
     """Point ``ref.name == tag`` in the layout's index.json at the manifest (OCI image-layout rules)."""
-    entry: dict = {"mediaType": manifest.media_type, "digest": manifest.digest, "size": len(manifest.raw)}
-    if manifest.media_type == spec.OCI_MANIFEST:
-        entry["artifactType"] = spec.ARTIFACT_TYPE
-    entry["annotations"] = {spec.REF_NAME_ANNOTATION: tag}
-    index_path = store.root / "index.json"
-    with store.locked():
-        try:
-            index = json.loads(index_path.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise IntegrityError(f"{index_path}: unreadable: {exc}") from None
-        kept = [
-            e for e in index.get("manifests", []) if (e.get("annotations") or {}).get(spec.REF_NAME_ANNOTATION) != tag
-        ]
-        kept.append(entry)
-        index["manifests"] = kept
-        write_atomic(index_path, (json.dumps(index, indent=2) + "\n").encode())
+    store.set_ref_name(tag, manifest.digest, manifest.media_type, len(manifest.raw))

@@ -499,3 +499,18 @@ def test_save_load_round_trip_and_damage(cli, tmp_path: Path, tiny_model: Path, 
         tar.extractall(unpacked, filter="data")
     layout = Store.open(unpacked, create=False)
     assert layout.verify("tiny:v1").ok
+
+
+def test_digest_references_are_pinned_not_tagged(store: Store, tiny_model: Path) -> None:
+    digest = create_model(store, "tiny:v1", tiny_model).digest
+    raw = store.get_manifest("tiny:v1").raw
+    store.remove("tiny:v1")
+    pinned = f"example.com/tiny@{digest}"
+    store.put_manifest(pinned, raw)
+    assert dict(store.list()) == {pinned: digest}  # no ":latest" tag was invented
+    store.prune()
+    assert store.verify(pinned).ok  # prune kept what the pin needs
+    store.remove(pinned)
+    assert store.list() == []
+    removed, _ = store.prune()
+    assert removed > 300 and list(store.iter_blobs()) == []
