@@ -20,7 +20,7 @@ from pathlib import Path
 
 import zstandard
 
-from imgpack.packager.store import Store
+from imgpack.packager.store import PINNED_ANNOTATION, Store
 from imgpack.schemas import spec
 from imgpack.schemas.digest import is_digest
 from imgpack.schemas.errors import ImgpackError, IntegrityError
@@ -52,9 +52,11 @@ def save(store: Store, refs: list[str], path: str | Path, level: int = 3) -> int
     for ref in refs:
         parsed, digest = store.resolve(ref)
         manifest = store.manifest_by_digest(digest, source=str(parsed))
-        name = str(parsed.with_tag(parsed.tag or "latest"))
+        # A digest reference travels pinned, as it is stored: it must not become someone's :latest.
+        annotation = spec.REF_NAME_ANNOTATION if parsed.tag else PINNED_ANNOTATION
+        name = str(parsed.with_tag(parsed.tag)) if parsed.tag else str(parsed)
         entries.append({"mediaType": manifest.media_type, "digest": digest, "size": len(manifest.raw),
-                        "annotations": {spec.REF_NAME_ANNOTATION: name}})
+                        "annotations": {annotation: name}})
         blobs[digest] = len(manifest.raw)
         for blob in manifest.blobs:
             blobs[blob.digest] = blob.size
@@ -118,10 +120,15 @@ def load(store: Store, path: str | Path) -> LoadResult:
             if index is None:
                 raise ImgpackError(f"{source}: not an imgpack archive (no index.json)")
             references = []
-            for i, entry in enumerate(index.get("manifests", [])):
-                ref = (entry.get("annotations") or {}).get(spec.REF_NAME_ANNOTATION)
-                digest = entry.get("digest", "")
-                if not ref or not is_digest(digest):
+            entries = index.get("manifests") if isinstance(index, dict) else None
+            if not isinstance(entries, list):
+                raise ImgpackError(f"{source}: index.json has no 'manifests' list")
+            for i, entry in enumerate(entries):
+                annotations = entry.get("annotations") if isinstance(entry, dict) else None
+                annotations = annotations if isinstance(annotations, dict) else {}
+                ref = annotations.get(spec.REF_NAME_ANNOTATION) or annotations.get(PINNED_ANNOTATION)
+                digest = entry.get("digest", "") if isinstance(entry, dict) else ""
+                if not isinstance(ref, str) or not is_digest(digest):
                     raise ImgpackError(f"{source}: index.json manifests[{i}] lacks a reference name or digest")
                 raw_manifest = store.read_blob(digest)
                 ModelManifest.from_bytes(raw_manifest, source=f"{source}: {ref}")

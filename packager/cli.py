@@ -86,10 +86,33 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_summary(store: Store, manifest) -> dict:
+    """The config blob when it is imgpack's; otherwise (e.g. written by ollama) a summary made from the layers."""
+    from imgpack.packager.create import model_config
+    from imgpack.schemas.validate import schema_errors
+
+    try:
+        config = json.loads(store.read_blob(manifest.config.digest))
+        if not schema_errors("config", config):
+            return config
+    except (ValueError, ImgpackError):
+        pass
+    model_index: dict = {"_class_name": "unknown"}
+    if (layer := manifest.find("model_index.json")) is not None:
+        try:
+            model_index = json.loads(store.read_blob(layer.digest))
+        except (ValueError, ImgpackError):
+            pass
+    if not isinstance(model_index, dict) or not isinstance(model_index.get("_class_name"), str):
+        model_index = {"_class_name": "unknown"}
+    tensors = [t for t in manifest.tensors if t.dtype is not None and t.shape is not None]
+    return model_config(model_index, tensors, None) | {"imgpackVersion": "n/a (config not written by imgpack)"}
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     store = Store.open(args.store)
     manifest = store.get_manifest(args.ref)
-    config = json.loads(store.read_blob(manifest.config.digest))
+    config = _config_summary(store, manifest)
     if args.json:
         ui.out.print_json(data={
             "reference": args.ref, "digest": manifest.digest, "mediaType": manifest.media_type,
@@ -279,6 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 141
+    except OSError as e:
+        # A backstop: commands turn expected OS errors into ImgpackError; anything else still gets a clean line.
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"imgpack: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

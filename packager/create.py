@@ -26,7 +26,7 @@ from imgpack.packager.store import Store, write_atomic
 from imgpack.schemas import spec
 from imgpack.schemas.digest import sha256_bytes
 from imgpack.schemas.errors import ImgpackError
-from imgpack.schemas.manifest import Layer, build_manifest, encode_json, title_for
+from imgpack.schemas.manifest import Layer, build_manifest, check_tree, encode_json, title_for
 from imgpack.schemas.names import check_name
 from imgpack.schemas.reference import Reference
 from imgpack.schemas.tensorblob import encode_header
@@ -354,6 +354,7 @@ def create_model(
         plain.append((path, rel, _file_media_type(path, rel)))
     if not jobs:
         raise ImgpackError(f"{directory}: no .safetensors weights found")
+    check_tree([job.name for job in jobs] + [rel for _, rel, _ in plain], str(directory))
     stats_before = {str(f.path): os.stat(f.path) for f, _ in files}
     total = sum(j.source.nbytes for j in jobs)
     if plan_done:
@@ -383,10 +384,16 @@ def create_model(
                 pending.extend(file_jobs)
         pending.sort(key=lambda j: -j.source.nbytes)  # big first: better load balance
         n_workers = workers or max(2, min(4, (os.cpu_count() or 2) + 1))
-        with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        pool = ThreadPoolExecutor(max_workers=n_workers)
+        try:
             futures = {id(job): pool.submit(_pack_tensor, store, job, counters, progress) for job in pending}
             for job in pending:
                 job.layer = futures[id(job)].result()
+        except BaseException:
+            # Ctrl-C or a failed tensor: drop the queued work instead of packing the rest of the model first.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown()
         for st_file, _rel in files:
             now = os.stat(st_file.path)
             before = stats_before[str(st_file.path)]

@@ -335,9 +335,9 @@ class Store:
                     if parsed.digest and parsed.digest != digest:
                         raise NotFoundError(f"{parsed}: tag {key} points at {digest}, not {parsed.digest}")
                     return parsed, digest
-            if parsed.digest is None:
-                raise NotFoundError(f"model {key} is not in the store {self.root} (see 'imgpack list')")
-        if parsed.digest and self.has_blob(parsed.digest):
+            raise NotFoundError(f"model {key} is not in the store {self.root} (see 'imgpack list')")
+        # A bare digest names a model only if the index holds that manifest: never an arbitrary blob.
+        if parsed.digest and any(e.get("digest") == parsed.digest for e in self._read_index()["manifests"]):
             return parsed, parsed.digest
         raise NotFoundError(f"model {parsed} is not in the store {self.root} (see 'imgpack list')")
 
@@ -418,15 +418,30 @@ class Store:
     def referenced_blobs(self) -> set[str]:
         """Every blob some indexed manifest needs, the manifests themselves included."""
         keep: set[str] = set()
-        for entry in self._read_index()["manifests"]:
-            digest = entry["digest"]
+        pending = [entry.get("digest") for entry in self._read_index()["manifests"]]
+        while pending:
+            digest = pending.pop()
+            if not isinstance(digest, str) or digest in keep:
+                continue
             keep.add(digest)
             try:
-                manifest = self.manifest_by_digest(digest)
-            except (ImgpackError, OSError):
+                document = json.loads(self.blob_path(digest).read_bytes())
+            except FileNotFoundError:
                 continue
-            keep.update(b.digest for b in manifest.blobs)
-        return keep
+            except (OSError, ValueError) as e:
+                # Not knowing what a manifest references, prune must not guess: refuse rather than delete.
+                raise IntegrityError(f"manifest {digest} is unreadable ({e}); fix or rm it before pruning") from None
+            # Any OCI manifest or index, not only imgpack's: other tools' images in the layout keep their blobs.
+            if not isinstance(document, dict):
+                raise IntegrityError(f"manifest {digest} is not a JSON object; fix or rm it before pruning")
+            for key in ("config", "subject"):
+                if isinstance(document.get(key), dict):
+                    keep.add(document[key].get("digest"))
+            for layer in document.get("layers") or []:
+                if isinstance(layer, dict):
+                    keep.add(layer.get("digest"))
+            pending.extend(m.get("digest") for m in document.get("manifests") or [] if isinstance(m, dict))
+        return {d for d in keep if isinstance(d, str)}
 
     def prune(self) -> tuple[int, int]:
         """Delete blobs no indexed manifest references, and stale partial downloads; returns (count, bytes)."""

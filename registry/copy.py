@@ -12,6 +12,7 @@ Steps, in this order:
 
 from __future__ import annotations
 
+import errno
 import random
 import threading
 import time
@@ -32,7 +33,13 @@ from imgpack.schemas.manifest import Layer, ModelManifest
 
 #: After this many blobs failed on every transport attempt, the registry is taken to be down: stop.
 GIVE_UP_AFTER = 3
+#: Local errors no retry can fix (disk full, read-only, no permission, quota).
+LOCAL_FATAL_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 RETRYABLE = (TransferError, IntegrityError, requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+
+
+class LocalIOError(TransferError):
+    """The local disk refused a write (full, read-only, no permission): the whole copy stops."""
 
 
 @dataclass
@@ -142,6 +149,16 @@ def copy_model(
                     status = dst.push_blob(layer, src.blob_source(layer), progress, mounts)
             except (AuthError, NotFoundError, Cancelled, GaveUp):
                 raise
+            except OSError as exc:
+                if exc.errno in LOCAL_FATAL_ERRNOS:
+                    # A full or read-only disk will not heal between retries: stop, and say why.
+                    where = f" {exc.filename}" if exc.filename else ""
+                    raise LocalIOError(f"{_label(layer)}: local I/O error{where}: {exc.strerror}") from None
+                last = exc
+                if attempt + 1 < attempts:
+                    if cancel.wait(_backoff(attempt)):
+                        raise Cancelled("interrupted") from None
+                continue
             except RETRYABLE as exc:
                 last = exc
                 if attempt + 1 < attempts:
@@ -159,7 +176,12 @@ def copy_model(
             reporter.blob_done(layer, status, moved)
             return
         assert last is not None
-        detail = str(last) if isinstance(last, ImgpackError) else type(last).__name__
+        if isinstance(last, ImgpackError):
+            detail = str(last)
+        elif isinstance(last, OSError) and last.strerror:
+            detail = f"{type(last).__name__}: {last.strerror}"
+        else:
+            detail = type(last).__name__
         kind = IntegrityError if isinstance(last, IntegrityError) else TransferError
         raise kind(f"{detail} (gave up after {attempts} attempts)")
 
@@ -178,7 +200,7 @@ def copy_model(
                         continue
                     failures.append(exc)
                     gave_up = sum(isinstance(f, GaveUp) for f in failures)
-                    if isinstance(exc, AuthError) or gave_up >= GIVE_UP_AFTER:
+                    if isinstance(exc, (AuthError, LocalIOError)) or gave_up >= GIVE_UP_AFTER:
                         aborted = True
                         cancel.set()
         except BaseException:

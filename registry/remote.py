@@ -34,7 +34,7 @@ from imgpack.registry.transport import (
 )
 from imgpack.schemas import spec
 from imgpack.schemas.digest import is_digest, sha256_bytes
-from imgpack.schemas.errors import ImgpackError, IntegrityError, NotFoundError, TransferError
+from imgpack.schemas.errors import AuthError, ImgpackError, IntegrityError, NotFoundError, TransferError
 from imgpack.schemas.manifest import Layer
 
 READ_CHUNK = 1 << 20
@@ -249,11 +249,15 @@ class RemoteRepository:
         """Open an upload session (or mount); returns its URL, None when the blob was mounted."""
         for source in mount_from:
             scope = (*self.scope, f"repository:{source}:pull")
-            resp = self.client.request(
-                "POST",
-                f"/v2/{self.repository}/blobs/uploads/?mount={digest}&from={quote(source, safe='/')}",
-                scope=scope,
-            )
+            try:
+                resp = self.client.request(
+                    "POST",
+                    f"/v2/{self.repository}/blobs/uploads/?mount={digest}&from={quote(source, safe='/')}",
+                    scope=scope,
+                )
+            except AuthError:
+                # No pull access to the hinted source (any more): a refused mount, so upload instead.
+                continue
             resp.close()
             if resp.status_code == 201:
                 return None

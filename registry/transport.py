@@ -352,6 +352,11 @@ class RegistryClient:
         session = self.session()
         read_timeout = timeout if timeout is not None else self.options.read_timeout
         for _ in range(MAX_REDIRECTS + 1):
+            # Every URL is checked, not only redirects: an upload Location of http:// on an https registry
+            # (a TLS-terminating proxy) must not carry credentials or blob bytes in clear text.
+            parts = urlsplit(url)
+            if parts.scheme == "http" and not (self.options.insecure or is_loopback(parts.netloc)):
+                raise TransferError(f"{self.host}: refusing plain-HTTP URL {safe_url(url)} (use --insecure to allow)")
             resp = session.request(
                 method,
                 url,

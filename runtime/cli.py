@@ -24,6 +24,30 @@ INSTALL_HINT = "pip install 'imgpack[runtime]'"
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
 
+def check_run_args(args: argparse.Namespace) -> tuple[int, int, int, Path]:
+    """Validate what ``imgpack run`` was given (in-process or --host alike); returns (width, height, seed, output)."""
+    width, height = parse_size(args.size)
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps: {args.steps} must be at least 1")
+    if args.guidance < 0:
+        raise UsageError(f"--guidance: {args.guidance} must not be negative")
+    if not args.prompt.strip():
+        raise UsageError("the prompt is empty")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise UsageError(f"--seed: {args.seed} must be a non-negative integer below 2**64")
+    seed = args.seed if args.seed is not None else secrets.randbits(32)
+    output = Path(args.output) if args.output else default_output(seed)
+    if output.suffix.lower() != ".png":
+        raise UsageError(f"-o: {output} must end in .png")
+    if not output.parent.is_dir():
+        raise ImgpackError(f"-o: directory {output.parent} does not exist")
+    if output.is_dir():
+        raise ImgpackError(f"-o: {output} is a directory")
+    if not os.access(output.parent, os.W_OK):
+        raise ImgpackError(f"-o: cannot write to directory {output.parent}")
+    return width, height, seed, output
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """``WxH`` -> (width, height); both positive multiples of 16 (usage error otherwise)."""
     match = _SIZE.match(text)
@@ -72,19 +96,7 @@ def open_image(path: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    width, height = parse_size(args.size)
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps: {args.steps} must be at least 1")
-    if args.guidance < 0:
-        raise UsageError(f"--guidance: {args.guidance} must not be negative")
-    if not args.prompt.strip():
-        raise UsageError("the prompt is empty")
-    seed = args.seed if args.seed is not None else secrets.randbits(32)
-    output = Path(args.output) if args.output else default_output(seed)
-    if output.suffix.lower() != ".png":
-        raise UsageError(f"-o: {output} must end in .png")
-    if not output.parent.is_dir():
-        raise ImgpackError(f"-o: directory {output.parent} does not exist")
+    width, height, seed, output = check_run_args(args)
     quiet = getattr(args, "quiet", False)
     verbose = args.verbose and not quiet
 

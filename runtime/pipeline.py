@@ -197,8 +197,9 @@ class ZImageModel:
         hidden = batch * seq * (8 * cfg.dim + 3 * cfg.ffn_dim) * size
         step = attention + hidden
         pixels = width * height
-        # The widest full-resolution activations: a few tensors of 2x the first block's channels, in float32.
-        decode = pixels * vcfg.block_out_channels[min(1, len(vcfg.block_out_channels) - 1)] * 4 * 3
+        # The widest full-resolution activations: about six tensors of the second block's width, in float32
+        # (measured with the FLUX VAE's widths: 5.6-5.9 KB per output pixel above the weights).
+        decode = pixels * vcfg.block_out_channels[min(1, len(vcfg.block_out_channels) - 1)] * 4 * 6
         return max(step, decode + ATTENTION_CHUNK * 4)
 
     def plan_memory(self, request: GenerationRequest, available: int | None = None) -> int:

@@ -109,14 +109,14 @@ def build_manifest(
     return raw
 
 
-def _check_tree(layers: list[Layer], source: str) -> None:
+def check_tree(names: list[str], source: str) -> None:
     """Names must lay out as a file tree: no name may also be a folder of another name."""
-    names = {layer.name for layer in layers if layer.name and not layer.is_header}
-    for name in sorted(names):
+    names_set = set(names)
+    for name in sorted(names_set):
         parts = name.split("/")
         for i in range(1, len(parts)):
             folder = "/".join(parts[:i])
-            if folder in names:
+            if folder in names_set:
                 raise ImgpackError(f"{source}: layer {folder!r} is also the folder of layer {name!r}")
 
 
@@ -210,5 +210,5 @@ class ModelManifest:
                     )
         check_unique([layer.name for layer in layers if not layer.is_header], source)
         check_unique([layer.name for layer in layers if layer.is_header], source)
-        _check_tree(layers, source)
+        check_tree([layer.name for layer in layers if layer.name and not layer.is_header], source)
         return cls(raw, document, Layer.from_json(document["config"]), layers, source)

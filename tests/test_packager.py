@@ -514,3 +514,28 @@ def test_digest_references_are_pinned_not_tagged(store: Store, tiny_model: Path)
     assert store.list() == []
     removed, _ = store.prune()
     assert removed > 300 and list(store.iter_blobs()) == []
+
+
+def test_name_that_is_also_a_folder_is_refused_before_writing(populated: Store, model_copy) -> None:
+    model = model_copy()
+    clash = model / "vae" / "config.json" / "notes.txt"
+    (model / "vae" / "config.json").unlink()
+    clash.parent.mkdir()
+    clash.write_text("x")
+    write_raw_safetensors(model / VAE, {"config.json": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\1")
+    assert_refused(populated, model, "also the folder of layer")
+
+
+def test_prune_keeps_blobs_of_foreign_oci_images(populated: Store) -> None:
+    config = populated.put_bytes(b'{"architecture":"amd64","os":"linux"}')
+    layer = populated.put_bytes(b"not an imgpack layer")
+    image = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config[0], "size": config[1]},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer[0], "size": layer[1]}],
+    }).encode()
+    digest, size = populated.put_bytes(image)
+    populated.set_ref_name("alpine", digest, spec.OCI_MANIFEST, size)
+    populated.prune()
+    assert populated.has_blob(config[0]) and populated.has_blob(layer[0]) and populated.has_blob(digest)
+    assert populated.verify("good").ok

@@ -298,3 +298,17 @@ def test_push_store_entry_named_after_its_registry(cli, store, make_model, open_
     assert again.code == 0
     done = json.loads(again.out.splitlines()[-1])
     assert done["up_to_date"] is True and done["bytes_moved"] == 0
+
+
+def test_pull_by_digest_is_pinned_and_survives_prune(cli, store, make_model, open_registry, tmp_path):
+    make_model(store, "pinme:1", {"vae": 21})
+    dest = f"{open_registry.host}/pinme:1"
+    assert cli("push", "pinme:1", dest).code == 0
+    digest = store.get_manifest("pinme:1").digest
+    other = tmp_path / "pinned"
+    by_digest = f"{open_registry.host}/pinme@{digest}"
+    assert cli("pull", by_digest, store=other).code == 0
+    pulled = Store.open(other)
+    assert dict(pulled.list()) == {by_digest: digest}  # pinned, not tagged :latest
+    assert cli("prune", store=other).code == 0
+    assert pulled.verify(by_digest).ok

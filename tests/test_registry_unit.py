@@ -200,3 +200,12 @@ def test_blob_sources_merge_concurrent_writers(tmp_path):
     assert not [p for p in path.parent.iterdir() if p.suffix == ".tmp"]
     path.write_text("garbage")
     assert BlobSources(path).repositories("reg.example", digests[0]) == []
+
+
+def test_plain_http_urls_are_refused_for_tls_registries():
+    """An upload Location of http:// on an https registry must not receive credentials or blob bytes."""
+    from imgpack.schemas.errors import TransferError
+
+    client = RegistryClient("registry.example.com")
+    with pytest.raises(TransferError, match="plain-HTTP"):
+        client._send("PUT", "http://registry.example.com/v2/x/blobs/uploads/u?digest=sha256:0", {}, b"", False, 1)

@@ -183,3 +183,12 @@ def test_without_mlx_help_works_and_run_explains(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code, "run"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert "pip install 'imgpack[runtime]'" in r.stderr
+
+
+def test_bad_seed_and_output_are_refused_before_any_work(cli, tiny_store: Path, tmp_path: Path) -> None:
+    r = cli("run", "tiny", "a fox", "--seed", "-1", "-o", str(tmp_path / "x.png"))
+    assert r.code == 2 and "--seed" in r.err
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    r = cli("run", "tiny", "a fox", "--size", "64x64", "-o", str(folder))
+    assert r.code == 1 and "is a directory" in r.err
