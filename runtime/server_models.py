@@ -92,11 +92,21 @@ class LoadedModel:
 
 
 def default_loader(store: Store, name: str) -> Any:
-    """Open and fully load a model (the server pays the load once, not per request)."""
+    """Open and fully load a model (the server pays the load once, not per request).
+
+    The server keeps all three networks resident, so it checks, before loading anything, that they fit
+    together with the working memory of a 1024x1024 image; a model that does not fit is refused with the
+    memory message instead of being killed part-way through loading.
+    """
+    from imgpack.runtime.backend import available_memory
     from imgpack.runtime.pipeline import ZImageModel
+    from imgpack.runtime.weights import check_memory
 
     model = ZImageModel.open(store, name)
+    need = sum(model.weight_bytes().values()) + model.activation_bytes(1024, 1024, 1)
+    check_memory(need, available_memory(), f"model {name} (the server keeps all of it loaded)")
     model.load()
+    model.keep_text_encoder = True
     return model
 
 
@@ -255,6 +265,7 @@ class ModelManager:
 
     def _run(self, entry: LoadedModel, job: Job) -> None:
         from imgpack.runtime import pipeline
+        from imgpack.runtime.weights import InsufficientMemory
 
         spec = job.spec
         try:
@@ -268,8 +279,14 @@ class ModelManager:
                     prompt=spec.prompt, width=spec.width, height=spec.height, steps=spec.steps, seed=spec.seed + k,
                     guidance=spec.guidance, negative=spec.negative_prompt,
                 )
-                if k == 0:
-                    entry.model.plan_memory(request)
+                if k == 0 and hasattr(entry.model, "activation_bytes"):
+                    # The weights are resident already: only this request's working memory is still to find.
+                    from imgpack.runtime.backend import available_memory
+                    from imgpack.runtime.weights import check_memory
+
+                    batch = 2 if request.guidance > 0 else 1
+                    check_memory(entry.model.activation_bytes(request.width, request.height, batch),
+                                 available_memory(), f"{entry.name} at {request.width}x{request.height}")
                 for event in pipeline.generate(entry.model, request, cancel=job.cancel):
                     if isinstance(event, pipeline.Step):
                         job.steps_done += 1
@@ -281,6 +298,10 @@ class ModelManager:
             self._finish(job, "cancelled", (CANCELLED, None))
         except UsageError as e:
             self._finish(job, "failed", (ERROR, ApiError(400, str(e), code="invalid_value")))
+        except InsufficientMemory as e:
+            if entry.loaded_at is None:
+                entry.model = None
+            self._finish(job, "failed", (ERROR, ApiError(503, f"model {entry.name}: {e}", code="insufficient_memory")))
         except ImgpackError as e:
             if entry.loaded_at is None:
                 entry.model = None  # a failed load is retried by the next request

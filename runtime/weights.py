@@ -177,9 +177,13 @@ class ModelSource:
         return total
 
 
+class InsufficientMemory(ImgpackError):
+    """The model (or this image size) needs more memory than the machine has free."""
+
+
 def check_memory(need: int, have: int, what: str) -> None:
     if have and need > have:
-        raise ImgpackError(
+        raise InsufficientMemory(
             f"{what} needs about {need / GB:.1f} GB of memory but only {have / GB:.1f} GB is available;"
             " free memory, choose a smaller --size, or run on a machine with more memory"
         )

@@ -288,3 +288,19 @@ def test_default_bind_is_loopback():
     finally:
         if env is not None:
             os.environ["IMGPACK_HOST"] = env
+
+
+def test_model_that_does_not_fit_is_refused_with_503_before_loading(start_server, server_store, monkeypatch):
+    import requests
+
+    import imgpack.runtime.backend as backend
+
+    monkeypatch.setattr(backend, "available_memory", lambda: 1024)
+    srv = start_server()
+    model = server_store.list()[0][0]
+    r = requests.post(f"{srv.url}/v1/images/generations", json={"model": model, "prompt": "a fox", "size": "64x64"},
+                      timeout=60)
+    assert r.status_code == 503
+    error = r.json()["error"]
+    assert error["code"] == "insufficient_memory" and "needs about" in error["message"]
+    assert srv.loaded == []  # nothing was loaded
