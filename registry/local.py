@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+from pathlib import Path
 
 from imgpack.packager.store import Store
 from imgpack.registry.target import FileBlobSource, ManifestInfo, ProgressFn
@@ -96,11 +97,10 @@ class LocalLayout:
         """Fetch a blob into the partial file (resuming), verify it, then move it into ``blobs/``."""
         path = self.store.partial_path(layer.digest)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        with os.fdopen(fd, "r+b") as fh:
-            # Two pulls of the same blob (two processes, or two models sharing it) take turns.
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        with _locked_partial(path) as fh:
             if self.store.has_blob(layer.digest, layer.size):
+                if os.fstat(fh.fileno()).st_size == 0:
+                    path.unlink(missing_ok=True)  # we created it just now; leave nothing behind
                 return "exists"
             hasher = hashlib.sha256()
             have = _hash_prefix(fh, hasher, layer.size)
@@ -153,6 +153,33 @@ class LocalLayout:
                 )
             self.store.adopt(path, layer.digest, layer.size)
             return "downloaded"
+
+
+@contextlib.contextmanager
+def _locked_partial(path: Path):
+    """Open and exclusively lock the partial file at ``path``.
+
+    Two pulls of the same blob (two processes, or two models sharing it) take turns. The lock is on an inode,
+    so after waiting we make sure ``path`` still names the inode we hold: the previous holder may have
+    verified and moved it into ``blobs/``, or deleted it as corrupt, in which case we start again.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fh = os.fdopen(fd, "r+b")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            fh.close()
+            raise
+        if same:
+            break
+        fh.close()
+    with fh:
+        yield fh
 
 
 class ShortBlob(IntegrityError):
