@@ -14,14 +14,14 @@ EXIT_NONCONFORMANT = 1
 def run_target(target: str, store: str | None, *, insecure: bool = False, local: bool = False) -> Report:
     """Open TARGET and run the artifact checks; an unreadable target is reported as LAY-001."""
     from imgpack.conformance.artifact import ArtifactCheck, check_artifact
-    from imgpack.conformance.sources import LayoutProblem, Source, open_target
+    from imgpack.conformance.sources import LayoutProblem, UnreadableSource, open_target
 
     try:
         source = open_target(target, store, insecure=insecure, local=local)
     except UsageError:
         raise
     except (LayoutProblem, ImgpackError) as e:
-        check = ArtifactCheck(Source(label=target, kind="unreadable"))
+        check = ArtifactCheck(UnreadableSource(label=target, kind="unreadable"))
         check.report.fail("LAY-001", target, str(e))
         return check._skip_rest("the target could not be read")
     try:

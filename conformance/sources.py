@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ class LayoutProblem(ImgpackError):
 
 
 @dataclass
-class Source:
+class Source(ABC):
     """Base class: a manifest plus the blobs it points at."""
 
     label: str
@@ -39,18 +40,21 @@ class Source:
     kind: str = ""
     details: dict[str, Any] = field(default_factory=dict)
 
+    @abstractmethod
     def manifest_bytes(self) -> bytes:
-        raise NotImplementedError
+        """Each kind of source reads its own storage."""
 
+    @abstractmethod
     def blob_size(self, digest: str) -> int | None:
         """Size of the stored blob, or None when it is missing."""
-        raise NotImplementedError
 
+    @abstractmethod
     def read_range(self, digest: str, offset: int, length: int) -> bytes:
-        raise NotImplementedError
+        """Each kind of source reads its own storage."""
 
+    @abstractmethod
     def iter_blob(self, digest: str) -> Iterator[bytes]:
-        raise NotImplementedError
+        """Each kind of source reads its own storage."""
 
     def read_blob(self, digest: str, limit: int) -> bytes:
         """The whole blob, refusing one larger than ``limit`` bytes."""
@@ -61,15 +65,36 @@ class Source:
             raise ImgpackError(f"blob {digest} is {size} bytes, over the {limit}-byte limit for this check")
         return self.read_range(digest, 0, size)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: local sources hold no connections
         """Release connections; local sources hold none."""
+
+
+@dataclass
+class UnreadableSource(Source):
+    """Stands for a target that could not be opened, so the report can still list every check as skipped."""
+
+    def _refuse(self) -> ImgpackError:
+        return ImgpackError(f"{self.label}: the target could not be read")
+
+    def manifest_bytes(self) -> bytes:
+        raise self._refuse()
+
+    def blob_size(self, digest: str) -> int | None:
+        raise self._refuse()
+
+    def read_range(self, digest: str, offset: int, length: int) -> bytes:
+        raise self._refuse()
+
+    def iter_blob(self, digest: str) -> Iterator[bytes]:
+        raise self._refuse()
 
 
 class _FileBlobs(Source):
     """Blobs stored one file per digest under a directory."""
 
+    @abstractmethod
     def blob_file(self, digest: str) -> Path:
-        raise NotImplementedError
+        """Each kind of source reads its own storage."""
 
     def blob_size(self, digest: str) -> int | None:
         if not is_digest(digest):

@@ -93,7 +93,7 @@ class RegistryServer:
 def start_registry(root: Path, auth: str = "open", token_server: TokenServer | None = None) -> RegistryServer:
     """Start docker-registry with storage under ``root``; wait until /v2/ answers."""
     if REGISTRY_BIN is None:
-        pytest.skip("docker-registry not installed")
+        pytest.fail("docker-registry is not installed: `apt-get install docker-registry` (.ci/setup does this)")
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config: dict = {
