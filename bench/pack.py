@@ -72,7 +72,7 @@ def main() -> None:
     files = [str(p) for p in sorted(model.rglob("*")) if p.is_file()]
     size = warm(model)
     n_tensors = sum(1 for _ in model.rglob("*.safetensors"))
-    imgpack = [sys.executable, "-m", "imgpack.packager.cli"]
+    imgpack = [sys.executable, "-m", "imgpack.cli.main"]
     print(f"model: {size / 1e9:.2f} GB in {len(files)} files ({n_tensors} safetensors files)")
 
     store = work / "store"

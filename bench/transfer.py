@@ -100,7 +100,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def imgpack(store: Path, *args: str) -> tuple[Run, dict]:
-    result = run([sys.executable, "-m", "imgpack.packager.cli", "--store", str(store), *args, "--json"])
+    result = run([sys.executable, "-m", "imgpack.cli.main", "--store", str(store), *args, "--json"])
     done = json.loads(result.output.strip().splitlines()[-1])
     return result, done
 
@@ -129,7 +129,7 @@ def main() -> None:
     from synthetic import make_model
 
     from imgpack.packager.create import create_model
-    from imgpack.packager.store import Store
+    from imgpack.store.store import Store
 
     work = args.workdir
     if work.exists():
@@ -179,7 +179,7 @@ def main() -> None:
             print(f"WARNING: shared pull moved {done['bytes_moved']} bytes, expected {sum(new_in_b.values())}")
     finally:
         registry.stop()
-    verify = run([sys.executable, "-m", "imgpack.packager.cli", "--store", str(work / "pull-store"), "verify"])
+    verify = run([sys.executable, "-m", "imgpack.cli.main", "--store", str(work / "pull-store"), "verify"])
     print(verify.output.strip().splitlines()[-1])
     shutil.rmtree(work / "pull-store")
 

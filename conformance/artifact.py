@@ -16,7 +16,7 @@ from typing import Any
 
 import jsonschema
 
-from imgpack.conformance import zimage
+from imgpack.architectures import zimage
 from imgpack.conformance.catalog import ARTIFACT_CHECKS, CHECKS
 from imgpack.conformance.report import PASS, Report
 from imgpack.conformance.sources import LayoutProblem, Source

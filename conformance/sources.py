@@ -268,7 +268,7 @@ def open_target(target: str, store_path: str | None = None, *, insecure: bool = 
         from imgpack.conformance.remote import RemoteSource
 
         return RemoteSource.open(ref, insecure=insecure)
-    from imgpack.packager.store import Store, default_root
+    from imgpack.store.store import Store, default_root
 
     root = Path(store_path).expanduser() if store_path else default_root()
     store = Store.open(root, create=False)

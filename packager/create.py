@@ -22,7 +22,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 from imgpack.packager.safetensors_file import SafetensorsFile, SourceTensor, read_safetensors_header
-from imgpack.packager.store import Store, write_atomic
+from imgpack.store.store import Store, write_atomic
 from imgpack.schemas import spec
 from imgpack.schemas.digest import sha256_bytes
 from imgpack.schemas.errors import ImgpackError

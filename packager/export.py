@@ -18,7 +18,7 @@ import struct
 import tempfile
 from pathlib import Path
 
-from imgpack.packager.store import Store
+from imgpack.store.store import Store
 from imgpack.schemas.errors import ImgpackError, IntegrityError
 from imgpack.schemas.manifest import Layer, ModelManifest
 from imgpack.schemas.tensorblob import TensorHeader, read_header

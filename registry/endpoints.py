@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgpack.packager.store import Store
+from imgpack.store.store import Store
 from imgpack.registry import credentials
 from imgpack.registry.local import LocalLayout
 from imgpack.registry.remote import RemoteRepository, UploadPolicy

@@ -15,7 +15,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from imgpack.packager.store import Store
+from imgpack.store.store import Store
 from imgpack.registry.target import FileBlobSource, ManifestInfo, ProgressFn
 from imgpack.registry.transport import Cancelled
 from imgpack.schemas.digest import is_digest

@@ -108,7 +108,7 @@ class RichReporter(Reporter):
             TransferSpeedColumn,
         )
 
-        from imgpack.packager import ui
+        from imgpack.cli import ui
 
         self.operation = operation
         self.bytes_progress = Progress(
@@ -132,7 +132,7 @@ class RichReporter(Reporter):
         from rich.console import Group
         from rich.live import Live
 
-        from imgpack.packager import ui
+        from imgpack.cli import ui
 
         self.bytes_task = self.bytes_progress.add_task(self.operation, total=result.bytes_total)
         totals: dict[str, int] = {}

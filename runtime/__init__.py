@@ -4,7 +4,7 @@ Importing this package imports nothing heavy, so ``imgpack --help`` works withou
 The MLX modules all import ``mx``/``nn`` from :mod:`imgpack.runtime.backend`, which first loads a fast BLAS on
 Linux. In-process use (what an HTTP server would call)::
 
-    from imgpack.runtime.pipeline import GenerationRequest, Image, Step, ZImageModel, generate
+    from imgpack.runtime.zimage.pipeline import GenerationRequest, Image, Step, ZImageModel, generate
 
     model = ZImageModel.open(store, "zimage:turbo")      # configs + tokenizer; weights load on first use
     model.load()                                          # or let generate() load lazily

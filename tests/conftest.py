@@ -33,7 +33,7 @@ def store_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def store(store_dir: Path):
-    from imgpack.packager.store import Store
+    from imgpack.store.store import Store
 
     return Store.open(store_dir)
 
@@ -70,7 +70,7 @@ class CliResult:
 @pytest.fixture
 def cli(capsys, store_dir: Path):
     """Run ``imgpack`` in-process against the test's store; returns exit code and captured output."""
-    from imgpack.packager.cli import main
+    from imgpack.cli.main import main
 
     def run(*argv: str, store: Path | None = None) -> CliResult:
         capsys.readouterr()

@@ -56,7 +56,7 @@ def runtime_store(tmp_path_factory: pytest.TempPathFactory):
     """A store with both tiny models in the OCI flavour (``zimage-tiny``, ``zimage-sharded``) and the tiny model
     in the ollama flavour (``zimage-tiny-ollama``)."""
     from imgpack.packager.create import create_model
-    from imgpack.packager.store import Store
+    from imgpack.store.store import Store
 
     store = Store.open(tmp_path_factory.mktemp("runtime") / "store")
     create_model(store, "zimage-tiny:latest", MODELS / "zimage-tiny")

@@ -25,7 +25,7 @@ MODELS = TESTS / "models"
 def server_store(tmp_path_factory: pytest.TempPathFactory):
     """A store holding ``zimage-tiny:latest`` and ``zimage-sharded:latest``."""
     from imgpack.packager.create import create_model
-    from imgpack.packager.store import Store
+    from imgpack.store.store import Store
 
     store = Store.open(tmp_path_factory.mktemp("server") / "store")
     create_model(store, "zimage-tiny:latest", MODELS / "zimage-tiny")
@@ -36,7 +36,7 @@ def server_store(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def reference_png(server_store) -> Callable[..., bytes]:
     """PNG bytes of an in-process generation, the ground truth the server's output must match byte for byte."""
-    from imgpack.runtime import pipeline
+    from imgpack.runtime.zimage import pipeline
 
     models: dict[str, Any] = {}
     cache: dict[tuple, bytes] = {}
@@ -110,8 +110,8 @@ class ServerHandle:
 def start_server(server_store) -> Iterator[Callable[..., ServerHandle]]:
     """``start_server(**options)`` runs an ``ImageServer`` on 127.0.0.1 in a thread; ``fail_at`` makes the model's
     transformer raise on that call. Every server is shut down (jobs cancelled, models unloaded) at teardown."""
-    from imgpack.runtime.server import ImageServer
-    from imgpack.runtime.server_models import default_loader
+    from imgpack.server.http import ImageServer
+    from imgpack.server.jobs import default_loader
 
     started: list[tuple[Any, threading.Thread]] = []
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from imgpack.conformance import zimage
+from imgpack.architectures import zimage
 from imgpack.conformance.catalog import ARTIFACT_CHECKS, CHECKS
-from imgpack.conformance.cli import run_target
-from imgpack.packager.cli import main
+from imgpack.cli.conformance_commands import run_target
+from imgpack.cli.main import main
 from imgpack.packager.create import create_model
-from imgpack.packager.store import Store
+from imgpack.store.store import Store
 from imgpack.schemas.errors import ImgpackError
 from imgpack.schemas.manifest import ModelManifest
 
@@ -37,7 +37,7 @@ def copy_vector(vector: dict, tmp_path: Path) -> Path:
 
 
 def run_cli(*args: str) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "imgpack.packager.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "imgpack.cli.main", *args], capture_output=True, text=True,
                           timeout=120)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -311,7 +311,7 @@ def test_export_refuses_header_layer_mismatch(tmp_path: Path) -> None:
 
 
 def _runtime():
-    from imgpack.runtime.pipeline import ZImageModel  # the test extra installs the runtime
+    from imgpack.runtime.zimage.pipeline import ZImageModel  # the test extra installs the runtime
 
     return ZImageModel
 

@@ -12,9 +12,9 @@ import requests
 from fixtures_registry import RegistryServer, needs_registry, open_registry  # noqa: F401 - fixture
 
 from imgpack.conformance.catalog import REGISTRY_CHECKS
-from imgpack.conformance.cli import run_target
+from imgpack.cli.conformance_commands import run_target
 from imgpack.packager.create import create_model
-from imgpack.packager.store import Store
+from imgpack.store.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "tests" / "models"
@@ -22,7 +22,7 @@ VECTORS = REPO / "conformance" / "vectors"
 
 
 def run_cli(*args: str) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "imgpack.packager.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "imgpack.cli.main", *args], capture_output=True, text=True,
                           timeout=170)
     return proc.returncode, proc.stdout + proc.stderr
 

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from imgpack.packager.create import create_model
 from imgpack.packager.export import export_model
-from imgpack.packager.store import Store
+from imgpack.store.store import Store
 from imgpack.schemas import spec
 from imgpack.schemas.errors import ImgpackError, IntegrityError
 from imgpack.schemas.manifest import ModelManifest

@@ -9,7 +9,7 @@ import pytest
 import requests
 from fixtures_registry import FaultProxy, needs_registry
 
-from imgpack.packager.store import Store
+from imgpack.store.store import Store
 from imgpack.registry.blobsources import BlobSources
 from imgpack.registry.copy import copy_model
 from imgpack.registry.endpoints import Clients

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from fixtures_registry import PASSWORD, USER, needs_registry
 
-from imgpack.packager.store import Store
+from imgpack.store.store import Store
 from imgpack.registry import credentials
 from imgpack.registry.transport import RegistryClient, TransportOptions
 from imgpack.schemas.errors import AuthError

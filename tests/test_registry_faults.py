@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fixtures_registry import PASSWORD, USER, FaultProxy, basic_header, needs_registry
 
-from imgpack.packager.store import Store
+from imgpack.store.store import Store
 from imgpack.registry.copy import copy_model
 from imgpack.registry.endpoints import Clients
 from imgpack.registry.local import LocalLayout
@@ -144,7 +144,7 @@ def test_pull_killed_with_sigkill_resumes(store, make_model, open_registry, faul
     fault_proxy.add("GET", BLOB_GET, "throttle", times=1000, arg=300_000)
     target = tmp_path / "s"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "imgpack.packager.cli", "--store", str(target), "-q"]
+    command = [sys.executable, "-m", "imgpack.cli.main", "--store", str(target), "-q"]
     proc = subprocess.Popen([*command, "pull", f"{fault_proxy.host}/kill:1"], env=env)
     try:
         deadline = time.monotonic() + 30
@@ -178,7 +178,7 @@ def test_ctrl_c_stops_quickly_and_keeps_partials(store, make_model, open_registr
     assert cli("push", "sigint:1", f"{open_registry.host}/sigint:1").code == 0
     fault_proxy.add("GET", BLOB_GET, "throttle", times=1000, arg=200_000)
     target = tmp_path / "s"
-    command = [sys.executable, "-m", "imgpack.packager.cli", "--store", str(target)]
+    command = [sys.executable, "-m", "imgpack.cli.main", "--store", str(target)]
     proc = subprocess.Popen(
         [*command, "pull", f"{fault_proxy.host}/sigint:1"], stderr=subprocess.PIPE, text=True, env=dict(os.environ)
     )

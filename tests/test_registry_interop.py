@@ -10,7 +10,7 @@ import pytest
 import requests
 from fixtures_registry import needs_registry
 
-from imgpack.packager.store import Store
+from imgpack.store.store import Store
 from imgpack.schemas import spec
 
 pytestmark = [

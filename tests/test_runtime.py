@@ -18,7 +18,7 @@ pytest.importorskip("mlx.core")
 from fixtures_runtime import REFERENCE_CASES, Reference, load_reference, rekey_blob  # noqa: E402
 
 from imgpack.runtime.backend import mx  # noqa: E402
-from imgpack.runtime.pipeline import (  # noqa: E402
+from imgpack.runtime.zimage.pipeline import (  # noqa: E402
     GenerationCancelled,
     GenerationRequest,
     Image,
@@ -29,7 +29,7 @@ from imgpack.runtime.pipeline import (  # noqa: E402
     initial_noise,
     run_to_image,
 )
-from imgpack.runtime.scheduler import FlowMatchEulerScheduler  # noqa: E402
+from imgpack.runtime.common.scheduler import FlowMatchEulerScheduler  # noqa: E402
 from imgpack.schemas.errors import ImgpackError  # noqa: E402
 
 TOL = 1e-4
@@ -319,7 +319,7 @@ def test_one_shot_mode_frees_each_network(runtime_store) -> None:
 
 def test_banded_convolution_equals_whole(monkeypatch) -> None:
     """Large VAE activations are convolved in row bands; the bands must stitch to the exact same result."""
-    import imgpack.runtime.vae as vae
+    import imgpack.runtime.common.autoencoder as vae
 
     conv = vae.Conv3x3(6, 5)
     conv.bias = mx.random.normal((5,), key=mx.random.key(1))
@@ -331,7 +331,7 @@ def test_banded_convolution_equals_whole(monkeypatch) -> None:
 
 
 def test_chat_template_rendering() -> None:
-    from imgpack.runtime.tokenizer import render_chat
+    from imgpack.runtime.common.tokenizer import render_chat
 
     chatml = "<|im_start|>user\na fox<|im_end|>\n<|im_start|>assistant\n"
     assert render_chat("a fox", None) == chatml

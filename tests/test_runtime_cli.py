@@ -172,7 +172,7 @@ def test_without_mlx_help_works_and_run_explains(tmp_path: Path) -> None:
         import sys
         for name in ("mlx", "mlx.core", "mlx.nn"):
             sys.modules[name] = None
-        from imgpack.packager.cli import main
+        from imgpack.cli.main import main
         code = main(["--help"]) if sys.argv[1] == "help" else main(
             ["--store", {str(tmp_path / "store")!r}, "run", "tiny", "a fox", "--size", "32x32"])
         sys.exit(code)

@@ -236,7 +236,7 @@ def test_serve_command_runs_and_stops_cleanly(server_store, sig):
 
     env = {k: v for k, v in os.environ.items() if k not in ("IMGPACK_HOST", "IMGPACK_API_KEY")}
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from imgpack.packager.cli import main; sys.exit(main())",
+        [sys.executable, "-c", "import sys; from imgpack.cli.main import main; sys.exit(main())",
          "--store", str(server_store.root), "serve", "--port", "0", "--keep-alive", "1m"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )

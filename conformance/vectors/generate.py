@@ -149,7 +149,7 @@ ZIMAGE_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train
 def zimage_model(*, sharded: bool = False, te_prefix: str = "model.", lm_head: bool = False,
                  encoder: bool = True, transformer_config: dict | None = None) -> Model:
     """A micro Z-Image-Turbo pipeline; its tensor set is derived by the suite's own rules (checked there)."""
-    from imgpack.conformance import zimage
+    from imgpack.architectures import zimage
 
     configs = {
         "transformer/config.json": transformer_config or ZIMAGE_TRANSFORMER,

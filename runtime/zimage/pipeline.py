@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from imgpack.packager.store import Store
+from imgpack.store.store import Store
 from imgpack.runtime.backend import ATTENTION_CHUNK, available_memory, compute_dtype, is_cpu, mx
-from imgpack.runtime.scheduler import FlowMatchConfig, FlowMatchEulerScheduler
-from imgpack.runtime.text_encoder import Qwen3Config, Qwen3TextEncoder
-from imgpack.runtime.tokenizer import MAX_SEQUENCE_LENGTH, PromptTokenizer
-from imgpack.runtime.transformer import SEQ_MULTIPLE, ZImageConfig, ZImageTransformer
-from imgpack.runtime.vae import VAEConfig, VAEDecoder
-from imgpack.runtime.weights import GB, ModelSource, check_memory
+from imgpack.runtime.common.scheduler import FlowMatchConfig, FlowMatchEulerScheduler
+from imgpack.runtime.common.qwen3 import Qwen3Config, Qwen3TextEncoder
+from imgpack.runtime.common.tokenizer import MAX_SEQUENCE_LENGTH, PromptTokenizer
+from imgpack.runtime.zimage.transformer import SEQ_MULTIPLE, ZImageConfig, ZImageTransformer
+from imgpack.runtime.common.autoencoder import VAEConfig, VAEDecoder
+from imgpack.runtime.common.loader import GB, ModelSource, check_memory
 from imgpack.schemas.errors import ImgpackError, UsageError
 
 #: Z-Image-Turbo is distilled for 8 steps without guidance; these are the defaults ``imgpack run`` uses.

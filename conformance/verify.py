@@ -16,7 +16,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from imgpack.packager.store import Store
+from imgpack.store.store import Store
 from imgpack.schemas import spec
 from imgpack.schemas.errors import ImgpackError
 from imgpack.schemas.manifest import Layer, ModelManifest

@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from imgpack.packager.store import Store
+from imgpack.store.store import Store
 from imgpack.runtime.backend import mx, nn
 from imgpack.schemas.errors import ImgpackError, IntegrityError, NotFoundError
 from imgpack.schemas.manifest import Layer, ModelManifest

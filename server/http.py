@@ -32,9 +32,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from imgpack.packager.store import Store
-from imgpack.runtime.server_api import DEFAULT_KEEP_ALIVE, ApiError, parse_generation, parse_model
-from imgpack.runtime.server_models import (
+from imgpack.store.store import Store
+from imgpack.server.api import DEFAULT_KEEP_ALIVE, ApiError, parse_generation, parse_model
+from imgpack.server.jobs import (
     CANCELLED,
     DEFAULT_MAX_QUEUE,
     DONE,

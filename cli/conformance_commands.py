@@ -31,7 +31,7 @@ def run_target(target: str, store: str | None, *, insecure: bool = False, local:
 
 
 def cmd_conformance(args: argparse.Namespace) -> int:
-    from imgpack.packager import ui
+    from imgpack.cli import ui
 
     if args.registry:
         if args.target:

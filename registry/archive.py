@@ -20,7 +20,7 @@ from pathlib import Path
 
 import zstandard
 
-from imgpack.packager.store import PINNED_ANNOTATION, Store
+from imgpack.store.store import PINNED_ANNOTATION, Store
 from imgpack.schemas import spec
 from imgpack.schemas.digest import is_digest
 from imgpack.schemas.errors import ImgpackError, IntegrityError

@@ -14,12 +14,12 @@ import math
 import sys
 from collections.abc import Sequence
 
-from imgpack.packager import ui
-from imgpack.packager.store import Store
+from imgpack.cli import ui
+from imgpack.store.store import Store
 from imgpack.schemas.errors import ImgpackError, UsageError
 
 #: Subpackages that add commands; each has a ``cli`` module with ``register(subparsers)``.
-PLUGINS = ("imgpack.registry.cli", "imgpack.runtime.cli", "imgpack.conformance.cli")
+PLUGINS = ("imgpack.cli.registry_cli", "imgpack.cli.runtime_commands", "imgpack.cli.conformance_commands")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -188,7 +188,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_save(args: argparse.Namespace) -> int:
-    from imgpack.packager.archive import save
+    from imgpack.registry.archive import save
 
     size = save(Store.open(args.store), args.refs, args.output, level=args.level)
     if not args.quiet:
@@ -197,7 +197,7 @@ def cmd_save(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from imgpack.packager.archive import load
+    from imgpack.registry.archive import load
 
     result = load(Store.open(args.store), args.archive)
     if not args.quiet:

@@ -8,8 +8,8 @@ import json
 import sys
 import threading
 
-from imgpack.packager.store import Store
-from imgpack.packager.ui import human_bytes
+from imgpack.store.store import Store
+from imgpack.cli.ui import human_bytes
 from imgpack.registry import credentials
 from imgpack.registry.blobsources import BlobSources
 from imgpack.registry.copy import CopyResult, copy_model

@@ -42,7 +42,7 @@ def _handler(name: str) -> Callable[[argparse.Namespace], int]:
     """Defer importing the transfer engine (and requests) until a registry command actually runs."""
 
     def run(args: argparse.Namespace) -> int:
-        return getattr(importlib.import_module("imgpack.registry.commands"), name)(args)
+        return getattr(importlib.import_module("imgpack.cli.registry_commands"), name)(args)
 
     return run
 

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from imgpack.packager.store import Store
-from imgpack.runtime.server_api import DEFAULT_KEEP_ALIVE, ApiError, ImageJobSpec
+from imgpack.store.store import Store
+from imgpack.server.api import DEFAULT_KEEP_ALIVE, ApiError, ImageJobSpec
 from imgpack.schemas.errors import ImgpackError, NotFoundError, UsageError
 from imgpack.schemas.reference import Reference
 
@@ -99,8 +99,8 @@ def default_loader(store: Store, name: str) -> Any:
     memory message instead of being killed part-way through loading.
     """
     from imgpack.runtime.backend import available_memory
-    from imgpack.runtime.pipeline import ZImageModel
-    from imgpack.runtime.weights import check_memory
+    from imgpack.runtime.zimage.pipeline import ZImageModel
+    from imgpack.runtime.common.loader import check_memory
 
     model = ZImageModel.open(store, name)
     need = sum(model.weight_bytes().values()) + model.activation_bytes(1024, 1024, 1)
@@ -264,8 +264,8 @@ class ModelManager:
         job.events.put(event)
 
     def _run(self, entry: LoadedModel, job: Job) -> None:
-        from imgpack.runtime import pipeline
-        from imgpack.runtime.weights import InsufficientMemory
+        from imgpack.runtime.zimage import pipeline
+        from imgpack.runtime.common.loader import InsufficientMemory
 
         spec = job.spec
         try:
@@ -282,7 +282,7 @@ class ModelManager:
                 if k == 0 and hasattr(entry.model, "activation_bytes"):
                     # The weights are resident already: only this request's working memory is still to find.
                     from imgpack.runtime.backend import available_memory
-                    from imgpack.runtime.weights import check_memory
+                    from imgpack.runtime.common.loader import check_memory
 
                     batch = 2 if request.guidance > 0 else 1
                     check_memory(entry.model.activation_bytes(request.width, request.height, batch),

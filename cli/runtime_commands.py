@@ -63,7 +63,7 @@ def parse_size(text: str) -> tuple[int, int]:
 def _import_runtime():  # noqa: ANN202 - returns the pipeline module
     """Import the MLX pipeline, turning a missing optional dependency into an install hint."""
     try:
-        from imgpack.runtime import pipeline
+        from imgpack.runtime.zimage import pipeline
     except ImportError as e:
         raise ImgpackError(f"the MLX runtime is not available ({e}); install it with: {INSTALL_HINT}") from None
     return pipeline
@@ -109,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  {message}", file=sys.stderr, flush=True)
 
     pipeline = _import_runtime()
-    from imgpack.packager.store import Store
+    from imgpack.store.store import Store
     from imgpack.runtime import backend
 
     if verbose:
@@ -189,6 +189,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--matmul-size", type=int, default=2048, metavar="N", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_doctor)
 
-    from imgpack.runtime.server_cli import register as register_server  # serve, ps, stop and run --host
+    from imgpack.cli.server_commands import register as register_server  # serve, ps, stop and run --host
 
     register_server(subparsers)

@@ -33,7 +33,7 @@ from imgpack.schemas.manifest import ModelManifest
 from imgpack.schemas.reference import Reference
 
 if TYPE_CHECKING:
-    from imgpack.packager.verify import VerifyReport
+    from imgpack.conformance.verify import VerifyReport
 
 #: Index annotation of a manifest pulled by digest: kept in the index (and so by prune) without a tag.
 PINNED_ANNOTATION = "io.imgpack.pinned"
@@ -464,7 +464,7 @@ class Store:
 
     def verify(self, ref: str | None = None, workers: int | None = None) -> VerifyReport:
         """Re-hash every blob of one model (or all) and check each manifest's structure; see packager.verify."""
-        from imgpack.packager.verify import verify_store
+        from imgpack.conformance.verify import verify_store
 
         return verify_store(self, ref, workers)
 

@@ -1,0 +1,1 @@
+"""imgpack.architectures"""
