@@ -108,10 +108,10 @@ def runtime_shapes() -> dict[str, dict[str, list[int]]]:
     """Checkpoint key -> torch-layout shape for each component, from the runtime's own module definitions."""
     from dataclasses import replace
 
-    from imgpack.runtime.common.qwen3 import Qwen3Config, Qwen3TextEncoder
-    from imgpack.runtime.zimage.transformer import ZImageConfig, ZImageTransformer
     from imgpack.runtime.common.autoencoder import VAEConfig, VAEDecoder
     from imgpack.runtime.common.loader import flatten_params
+    from imgpack.runtime.common.qwen3 import Qwen3Config, Qwen3TextEncoder
+    from imgpack.runtime.zimage.transformer import ZImageConfig, ZImageTransformer
 
     te_cfg = Qwen3Config.from_dict(TEXT_ENCODER)
     models = {
@@ -276,9 +276,9 @@ def mlx_worker(store_dir: str, sizes: list[int], steps: int, out_dir: str) -> No
     """Runs in a fresh interpreter: the same measurements as the diffusers worker, through imgpack's API."""
     import resource
 
-    from imgpack.store.store import Store
     from imgpack.runtime import backend
     from imgpack.runtime.zimage.pipeline import GenerationRequest, Image, Stage, Step, ZImageModel, generate
+    from imgpack.store.store import Store
 
     t0 = time.perf_counter()  # after imports, as in the diffusers worker: model loading only
 

@@ -15,8 +15,8 @@ import sys
 from collections.abc import Sequence
 
 from imgpack.cli import ui
-from imgpack.store.store import Store
 from imgpack.schemas.errors import ImgpackError, UsageError
+from imgpack.store.store import Store
 
 #: Subpackages that add commands; each has a ``cli`` module with ``register(subparsers)``.
 PLUGINS = ("imgpack.cli.registry_cli", "imgpack.cli.runtime_commands", "imgpack.cli.conformance_commands")

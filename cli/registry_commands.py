@@ -8,7 +8,6 @@ import json
 import sys
 import threading
 
-from imgpack.store.store import Store
 from imgpack.cli.ui import human_bytes
 from imgpack.registry import credentials
 from imgpack.registry.blobsources import BlobSources
@@ -20,6 +19,7 @@ from imgpack.registry.remote import RemoteRepository
 from imgpack.registry.transport import RegistryClient, TransportOptions
 from imgpack.schemas.errors import UsageError
 from imgpack.schemas.reference import Reference
+from imgpack.store.store import Store
 
 
 def _options(args: argparse.Namespace, cancel: threading.Event) -> TransportOptions:

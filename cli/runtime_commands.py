@@ -109,8 +109,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  {message}", file=sys.stderr, flush=True)
 
     pipeline = _import_runtime()
-    from imgpack.store.store import Store
     from imgpack.runtime import backend
+    from imgpack.store.store import Store
 
     if verbose:
         precision = "float32" if backend.is_cpu() else "the weights' dtype"

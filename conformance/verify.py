@@ -16,12 +16,12 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from imgpack.store.store import Store
 from imgpack.schemas import spec
 from imgpack.schemas.errors import ImgpackError
 from imgpack.schemas.manifest import Layer, ModelManifest
 from imgpack.schemas.tensorblob import read_header
 from imgpack.schemas.validate import schema_errors
+from imgpack.store.store import Store
 
 CHUNK = 4 * 1024 * 1024
 

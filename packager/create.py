@@ -22,7 +22,6 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 from imgpack.packager.safetensors_file import SafetensorsFile, SourceTensor, read_safetensors_header
-from imgpack.store.store import Store, write_atomic
 from imgpack.schemas import spec
 from imgpack.schemas.digest import sha256_bytes
 from imgpack.schemas.errors import ImgpackError
@@ -31,6 +30,7 @@ from imgpack.schemas.names import check_name
 from imgpack.schemas.reference import Reference
 from imgpack.schemas.tensorblob import encode_header
 from imgpack.schemas.validate import validate
+from imgpack.store.store import Store, write_atomic
 
 #: Weight formats imgpack does not pack: pickles can run code, and diffusers ships safetensors beside them.
 LEGACY_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".msgpack", ".h5", ".onnx", ".gguf")

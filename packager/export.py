@@ -18,10 +18,10 @@ import struct
 import tempfile
 from pathlib import Path
 
-from imgpack.store.store import Store
 from imgpack.schemas.errors import ImgpackError, IntegrityError
 from imgpack.schemas.manifest import Layer, ModelManifest
 from imgpack.schemas.tensorblob import TensorHeader, read_header
+from imgpack.store.store import Store
 
 CHUNK = 4 * 1024 * 1024
 

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import zstandard
 
-from imgpack.store.store import PINNED_ANNOTATION, Store
 from imgpack.schemas import spec
 from imgpack.schemas.digest import is_digest
 from imgpack.schemas.errors import ImgpackError, IntegrityError
 from imgpack.schemas.manifest import ModelManifest
 from imgpack.schemas.reference import Reference
+from imgpack.store.store import PINNED_ANNOTATION, Store
 
 CHUNK = 4 * 1024 * 1024
 

@@ -15,7 +15,6 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgpack.store.store import Store
 from imgpack.registry import credentials
 from imgpack.registry.local import LocalLayout
 from imgpack.registry.remote import RemoteRepository, UploadPolicy
@@ -23,6 +22,7 @@ from imgpack.registry.target import Target
 from imgpack.registry.transport import RegistryClient, TransportOptions
 from imgpack.schemas.errors import UsageError
 from imgpack.schemas.reference import Reference
+from imgpack.store.store import Store
 
 
 @dataclass

@@ -15,13 +15,13 @@ import hashlib
 import os
 from pathlib import Path
 
-from imgpack.store.store import Store
 from imgpack.registry.target import FileBlobSource, ManifestInfo, ProgressFn
 from imgpack.registry.transport import Cancelled
 from imgpack.schemas.digest import is_digest
 from imgpack.schemas.errors import IntegrityError, NotFoundError
 from imgpack.schemas.manifest import Layer, ModelManifest
 from imgpack.schemas.reference import Reference
+from imgpack.store.store import Store
 
 HASH_CHUNK = 4 << 20
 

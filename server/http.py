@@ -32,7 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from imgpack.store.store import Store
+from imgpack.schemas import spec as oci_spec
 from imgpack.server.api import DEFAULT_KEEP_ALIVE, ApiError, parse_generation, parse_model
 from imgpack.server.jobs import (
     CANCELLED,
@@ -45,7 +45,7 @@ from imgpack.server.jobs import (
     ModelManager,
     default_loader,
 )
-from imgpack.schemas import spec as oci_spec
+from imgpack.store.store import Store
 
 log = logging.getLogger("imgpack.server")
 

@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from imgpack.store.store import Store
-from imgpack.server.api import DEFAULT_KEEP_ALIVE, ApiError, ImageJobSpec
 from imgpack.schemas.errors import ImgpackError, NotFoundError, UsageError
 from imgpack.schemas.reference import Reference
+from imgpack.server.api import DEFAULT_KEEP_ALIVE, ApiError, ImageJobSpec
+from imgpack.store.store import Store
 
 log = logging.getLogger("imgpack.server")
 
@@ -99,8 +99,8 @@ def default_loader(store: Store, name: str) -> Any:
     memory message instead of being killed part-way through loading.
     """
     from imgpack.runtime.backend import available_memory
-    from imgpack.runtime.zimage.pipeline import ZImageModel
     from imgpack.runtime.common.loader import check_memory
+    from imgpack.runtime.zimage.pipeline import ZImageModel
 
     model = ZImageModel.open(store, name)
     need = sum(model.weight_bytes().values()) + model.activation_bytes(1024, 1024, 1)
@@ -264,8 +264,8 @@ class ModelManager:
         job.events.put(event)
 
     def _run(self, entry: LoadedModel, job: Job) -> None:
-        from imgpack.runtime.zimage import pipeline
         from imgpack.runtime.common.loader import InsufficientMemory
+        from imgpack.runtime.zimage import pipeline
 
         spec = job.spec
         try:

@@ -13,13 +13,13 @@ import pytest
 from safetensors import safe_open
 
 from imgpack.architectures import zimage
-from imgpack.conformance.catalog import ARTIFACT_CHECKS, CHECKS
 from imgpack.cli.conformance_commands import run_target
 from imgpack.cli.main import main
+from imgpack.conformance.catalog import ARTIFACT_CHECKS, CHECKS
 from imgpack.packager.create import create_model
-from imgpack.store.store import Store
 from imgpack.schemas.errors import ImgpackError
 from imgpack.schemas.manifest import ModelManifest
+from imgpack.store.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "tests" / "models"

@@ -19,12 +19,12 @@ from safetensors.numpy import load_file, save_file
 
 from imgpack.packager.create import create_model
 from imgpack.packager.export import export_model
-from imgpack.store.store import Store
 from imgpack.schemas import spec
 from imgpack.schemas.errors import ImgpackError, IntegrityError
 from imgpack.schemas.manifest import ModelManifest
 from imgpack.schemas.tensorblob import read_header
 from imgpack.schemas.validate import schema_errors
+from imgpack.store.store import Store
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:

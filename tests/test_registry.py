@@ -9,7 +9,6 @@ import pytest
 import requests
 from fixtures_registry import FaultProxy, needs_registry
 
-from imgpack.store.store import Store
 from imgpack.registry.blobsources import BlobSources
 from imgpack.registry.copy import copy_model
 from imgpack.registry.endpoints import Clients
@@ -17,6 +16,7 @@ from imgpack.registry.local import LocalLayout
 from imgpack.registry.remote import UploadPolicy
 from imgpack.schemas import spec
 from imgpack.schemas.digest import sha256_bytes
+from imgpack.store.store import Store
 
 pytestmark = [needs_registry, pytest.mark.usefixtures("isolated_credentials")]
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from fixtures_registry import PASSWORD, USER, needs_registry
 
-from imgpack.store.store import Store
 from imgpack.registry import credentials
 from imgpack.registry.transport import RegistryClient, TransportOptions
 from imgpack.schemas.errors import AuthError
+from imgpack.store.store import Store
 
 pytestmark = [needs_registry, pytest.mark.usefixtures("isolated_credentials")]
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from fixtures_registry import PASSWORD, USER, FaultProxy, basic_header, needs_registry
 
-from imgpack.store.store import Store
 from imgpack.registry.copy import copy_model
 from imgpack.registry.endpoints import Clients
 from imgpack.registry.local import LocalLayout
 from imgpack.registry.transport import TransportOptions
 from imgpack.schemas.errors import IntegrityError
+from imgpack.store.store import Store
 
 pytestmark = [needs_registry, pytest.mark.usefixtures("isolated_credentials")]
 BLOB_GET = r"/v2/[^?]*/blobs/sha256:"

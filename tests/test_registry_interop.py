@@ -10,8 +10,8 @@ import pytest
 import requests
 from fixtures_registry import needs_registry
 
-from imgpack.store.store import Store
 from imgpack.schemas import spec
+from imgpack.store.store import Store
 
 pytestmark = [
     needs_registry,

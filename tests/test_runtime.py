@@ -18,6 +18,7 @@ pytest.importorskip("mlx.core")
 from fixtures_runtime import REFERENCE_CASES, Reference, load_reference, rekey_blob  # noqa: E402
 
 from imgpack.runtime.backend import mx  # noqa: E402
+from imgpack.runtime.common.scheduler import FlowMatchEulerScheduler  # noqa: E402
 from imgpack.runtime.zimage.pipeline import (  # noqa: E402
     GenerationCancelled,
     GenerationRequest,
@@ -29,7 +30,6 @@ from imgpack.runtime.zimage.pipeline import (  # noqa: E402
     initial_noise,
     run_to_image,
 )
-from imgpack.runtime.common.scheduler import FlowMatchEulerScheduler  # noqa: E402
 from imgpack.schemas.errors import ImgpackError  # noqa: E402
 
 TOL = 1e-4

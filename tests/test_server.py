@@ -265,8 +265,8 @@ def test_model_paths_are_refused(start_server, server_store, tmp_path):
 
 
 def test_serve_refuses_a_busy_port(server_store):
-    from imgpack.server.http import serve
     from imgpack.schemas.errors import ImgpackError
+    from imgpack.server.http import serve
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -276,8 +276,8 @@ def test_serve_refuses_a_busy_port(server_store):
 
 
 def test_default_bind_is_loopback():
-    from imgpack.server import http as server
     from imgpack.cli.server_commands import split_listen
+    from imgpack.server import http as server
 
     assert server.DEFAULT_HOST == "127.0.0.1" and server.is_loopback(server.DEFAULT_HOST)
     env = os.environ.pop("IMGPACK_HOST", None)

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-from imgpack.store.store import Store
 from imgpack.runtime.backend import ATTENTION_CHUNK, available_memory, compute_dtype, is_cpu, mx
-from imgpack.runtime.common.scheduler import FlowMatchConfig, FlowMatchEulerScheduler
-from imgpack.runtime.common.qwen3 import Qwen3Config, Qwen3TextEncoder
-from imgpack.runtime.common.tokenizer import MAX_SEQUENCE_LENGTH, PromptTokenizer
-from imgpack.runtime.zimage.transformer import SEQ_MULTIPLE, ZImageConfig, ZImageTransformer
 from imgpack.runtime.common.autoencoder import VAEConfig, VAEDecoder
 from imgpack.runtime.common.loader import GB, ModelSource, check_memory
+from imgpack.runtime.common.qwen3 import Qwen3Config, Qwen3TextEncoder
+from imgpack.runtime.common.scheduler import FlowMatchConfig, FlowMatchEulerScheduler
+from imgpack.runtime.common.tokenizer import MAX_SEQUENCE_LENGTH, PromptTokenizer
+from imgpack.runtime.zimage.transformer import SEQ_MULTIPLE, ZImageConfig, ZImageTransformer
 from imgpack.schemas.errors import ImgpackError, UsageError
+from imgpack.store.store import Store
 
 #: Z-Image-Turbo is distilled for 8 steps without guidance; these are the defaults ``imgpack run`` uses.
 DEFAULT_STEPS = 8
