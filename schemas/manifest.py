@@ -10,7 +10,7 @@ from imgpack.schemas import spec
 from imgpack.schemas.digest import sha256_bytes
 from imgpack.schemas.errors import ImgpackError
 from imgpack.schemas.names import check_name, check_unique
-from imgpack.schemas.tensorblob import tensor_nbytes
+from imgpack.schemas.safetensors import tensor_nbytes
 from imgpack.schemas.validate import validate
 
 
@@ -37,6 +37,11 @@ class Layer:
     @property
     def is_json(self) -> bool:
         return self.media_type in spec.JSON_LAYER_TYPES
+
+    @property
+    def quantization(self) -> str | None:
+        """The ``io.imgpack.quantization`` annotation of a quantized tensor layer (spec §2.6)."""
+        return self.annotations.get(spec.QUANTIZATION_ANNOTATION)
 
     @property
     def component(self) -> str:
@@ -201,7 +206,7 @@ class ModelManifest:
         layers = [Layer.from_json(d) for d in document["layers"]]
         for i, layer in enumerate(layers):
             check_name(layer.name, f"{source}: layers[{i}]")
-            if layer.is_tensor and layer.dtype is not None and layer.shape is not None:
+            if layer.is_tensor and layer.dtype is not None and layer.shape is not None and not layer.quantization:
                 expected = tensor_nbytes(layer.dtype or "", layer.shape or [], f"{source}: layer {layer.name!r}")
                 if layer.size < expected + 16:
                     raise ImgpackError(

@@ -14,6 +14,10 @@ from imgpack.schemas.digest import is_digest
 from imgpack.schemas.errors import UsageError
 
 DEFAULT_TAG = "latest"
+#: Names of Docker Hub; references to it are normalised to ``docker.io`` (and ``library/`` for one component),
+#: as docker does, so ``docker.io/alpine`` and ``index.docker.io/library/alpine`` are one repository.
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 _COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _HOST = re.compile(
@@ -60,6 +64,10 @@ class Reference:
                     f"invalid reference {text!r}: repository component {part!r} must be lowercase letters,"
                     " digits and single separators (. _ __ -)"
                 )
+        if registry is not None and registry.lower() in DOCKER_HUB_ALIASES:
+            registry = DOCKER_HUB
+            if len(parts) == 1:
+                parts = ["library", *parts]
         repository = "/".join(parts)
         if len(repository) + len(registry or "") > 255:
             raise UsageError(f"invalid reference {text!r}: longer than 255 characters")

@@ -40,6 +40,11 @@ LAYER_MEDIA_TYPES = (TENSOR_MEDIA_TYPE, *FILE_LAYER_TYPES, SAFETENSORS_HEADER_ME
 TITLE_ANNOTATION = "org.opencontainers.image.title"
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 CREATED_ANNOTATION = "org.opencontainers.image.created"
+#: Layer annotation of a quantized tensor: compact JSON with type, bits, groupSize, mode, packedDtype,
+#: packedShape and scaleDtype (see schemas/quantized.py).
+QUANTIZATION_ANNOTATION = "io.imgpack.quantization"
+#: Index annotation of a model pulled in part (``pull --component``/``--include``); its value says what was taken.
+PARTIAL_ANNOTATION = "io.imgpack.partial"
 #: Suffix added to a safetensors header layer's title, so generic tools never write a truncated model file.
 HEADER_TITLE_SUFFIX = ".header"
 

@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from imgpack.packager.create import model_config
+
 from imgpack.schemas import spec
+from imgpack.schemas.config import model_config
 from imgpack.schemas.manifest import Layer, encode_json, title_for
-from imgpack.schemas.tensorblob import DTYPE_SIZES, encode_header
+from imgpack.schemas.quantized import QUANT_TYPES, QuantInfo
+from imgpack.schemas.safetensors import DTYPE_SIZES, encode_entries, encode_header
 
 HERE = Path(__file__).resolve().parent
 TOKENIZER_DIR = HERE.parent.parent / "tests" / "models" / "zimage-tiny" / "tokenizer"
@@ -227,6 +229,40 @@ def dtype_model() -> Model:
     return generic_model(sorted(tensors, key=lambda t: t.name), headers=True)
 
 
+def quantized_blob(name: str, qtype: str, shape: list[int], *, scale_shape: list[int] | None = None
+                   ) -> tuple[bytes, dict[str, Any]]:
+    """A canonical quantized tensor blob (spec §2.6) of seeded bytes and the descriptor fields it needs."""
+    q = QUANT_TYPES[qtype]
+    rows, cols = shape
+    packed = [rows, cols * q.bits // 32]
+    scales = scale_shape or [rows, cols // q.group_size]
+    scale_dtype = "BF16" if q.affine else "U8"
+    entries = [(name, "U32", packed), (name + ".scale", scale_dtype, scales)]
+    if q.affine:
+        entries.append((name + ".bias", scale_dtype, scales))
+    header = encode_entries(entries, {"group_size": str(q.group_size), "quant_type": q.name})
+    data = b"".join(tensor_bytes(key, dtype, s) for key, dtype, s in sorted(entries))
+    info = QuantInfo(q.name, q.bits, q.group_size, q.mode, "U32", packed, scale_dtype)
+    fields = {"dtype": "BF16", "shape": list(shape), "annotations": {spec.QUANTIZATION_ANNOTATION:
+                                                                     info.to_annotation()}}
+    return header + data, fields
+
+
+def quantized_vector(name: str, *, break_scale: bool = False) -> Vector:
+    """A generic model whose linear weights are stored in each quantization type."""
+    tensors = [make_tensor(f"weights/{n}.weight", "BF16", shape) for n, shape in
+               (("q8", [4, 64]), ("q4", [4, 64]), ("fp8", [4, 64]), ("fp4", [4, 32]))]
+    vector = pack(name, generic_model(tensors + [make_tensor("weights/norm.weight", "F32", [64])]))
+    for t, qtype in zip(tensors, ("int8", "int4", "mxfp8", "nvfp4"), strict=True):
+        layer = vector.layer(t.name)
+        wrong = [4, 3] if break_scale and qtype == "int4" else None
+        blob, fields = quantized_blob(t.name, qtype, t.shape, scale_shape=wrong)
+        vector.replace_blob(layer, blob)
+        layer["annotations"].update(fields.pop("annotations"))
+        layer.update(fields)
+    return vector
+
+
 # -- packing ---------------------------------------------------------------------------------------------
 
 
@@ -422,6 +458,8 @@ def build_specs() -> list[Spec]:
 
     add("ollama-made", "shaped like an ollama-written image model: docker config, no title annotations, tensors"
         " keyed by name, legacy JSON media type (passes with warnings)", ollama_made)
+    add("quantized", "linear weights stored int8, int4, mxfp8 and nvfp4 in the canonical combined form (§2.6)",
+        lambda: finish(quantized_vector("quantized")))
 
     # Invalid: each breaks exactly the check its name starts with.
     add("LAY-001-missing-oci-layout", "the oci-layout file is missing",
@@ -457,6 +495,8 @@ def build_specs() -> list[Spec]:
         return finish(vector)
 
     add("MAN-005-title-not-name", "a layer's title annotation is not its name", wrong_title)
+    add("TNS-010-quantized-scale-shape", "an int4 tensor's scale has 3 groups where its 64 columns make 2",
+        lambda: finish(quantized_vector("tns-010", break_scale=True)))
 
     def no_shape() -> Vector:
         vector = _generic("man-006")
