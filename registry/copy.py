@@ -1,45 +1,97 @@
-"""The transfer engine: one ``copy_model(src, dst)`` for push, pull and registry-to-registry copy.
+"""The transfer engine: one graph copy for push, pull, registry-to-registry copy, save and import.
 
-Steps, in this order:
+``copy_graph(src, reference, dst, dst_reference, hooks)`` walks any OCI graph — an imgpack model manifest, an
+image index and its child manifests, a cosign ``.sig`` manifest, a container image — in this order:
 
-1. fetch the source manifest and validate it (schema, layer names) before touching any blob;
-2. if the destination already has that digest under the reference, stop: nothing to do;
-3. move every missing blob on a bounded worker pool (largest first, so big bodies start early
-   and small ones fill the gaps); each blob is checked at the destination first, retried with
-   backoff on transfer or integrity failures, and verified by digest before it is kept;
-4. write (store) or PUT (registry) the manifest only after every blob it references is in place.
+1. resolve the root and fetch it; ``hooks.prepare_root`` may validate it (pull installs imgpack-model
+   validation) or replace it (an index-split model becomes its original manifest) before any blob moves;
+2. if the destination already has that digest under the reference, stop (referrers are still looked at);
+3. fetch every child node (manifests, indexes) into memory, collect the blobs, keep those ``hooks.select``
+   takes (partial pull);
+4. move the missing blobs on a bounded pool, largest first; each is checked at the destination first, mounted
+   where the destination can (:class:`~imgpack.registry.target.Mounter`), otherwise streamed and verified by
+   digest before it is kept; only integrity failures and early-ended streams are retried here — the transport
+   replays everything else;
+5. ``hooks.before_commit`` may inspect the blobs now at the destination (pull validates tensor headers and
+   configs), then nodes are pushed children first and the root last, under its reference; a destination that
+   refuses the root for its layer count gets ``hooks.on_layer_limit``'s replacement (the index-split form);
+6. with ``hooks.referrers``, every referrer of the root (signatures) is copied the same way.
 """
 
 from __future__ import annotations
 
 import errno
-import random
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 
 import requests
 import urllib3
 
-from imgpack.registry.blobsources import BlobSources
-from imgpack.registry.local import LocalLayout
-from imgpack.registry.progress import NullReporter, Reporter
-from imgpack.registry.remote import RemoteRepository
-from imgpack.registry.target import ManifestInfo, Target
-from imgpack.registry.transport import Cancelled, GaveUp
+from imgpack.registry.layout import DiskFull, ShortBlob
+from imgpack.registry.progress import Reporter, descriptor_component
+from imgpack.registry.remote import MIN_RATE, LayerLimit
+from imgpack.registry.retry import Cancelled
+from imgpack.registry.target import BlobStatus, Mounter, ReferrerFinder, Target, TargetBlobSource, read_node
+from imgpack.registry.transport import GaveUp
 from imgpack.schemas.errors import AuthError, ImgpackError, IntegrityError, NotFoundError, TransferError
-from imgpack.schemas.manifest import Layer, ModelManifest
+from imgpack.schemas.graph import Descriptor, Node, parse_node
 
 #: After this many blobs failed on every transport attempt, the registry is taken to be down: stop.
 GIVE_UP_AFTER = 3
+#: Copy-level attempts for one blob (integrity failures, streams that ended early).
+BLOB_ATTEMPTS = 4
+#: Every blob gets at least this long, plus its size at the minimum rate, before the copy stops retrying it.
+BLOB_DEADLINE_BASE = 180.0
 #: Local errors no retry can fix (disk full, read-only, no permission, quota).
 LOCAL_FATAL_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
-RETRYABLE = (TransferError, IntegrityError, requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+RETRYABLE = (ShortBlob, IntegrityError, TransferError, requests.RequestException, urllib3.exceptions.HTTPError,
+             OSError)
 
 
 class LocalIOError(TransferError):
     """The local disk refused a write (full, read-only, no permission): the whole copy stops."""
+
+
+@dataclass
+class Graph:
+    """A root node and everything reachable from it, as the copy found it at the source."""
+
+    root: Descriptor
+    nodes: dict[str, tuple[Descriptor, bytes, Node]]
+    blobs: dict[str, Descriptor]
+    skipped: dict[str, Descriptor] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)  # node digests, children before parents
+
+    def root_node(self) -> Node:
+        return self.nodes[self.root.digest][2]
+
+    def root_raw(self) -> bytes:
+        return self.nodes[self.root.digest][1]
+
+
+@dataclass
+class CopyHooks:
+    """What a copy does beyond moving bytes; every hook is optional."""
+
+    #: Validate or replace the root before anything moves: returns the (descriptor, bytes) to copy.
+    prepare_root: Callable[[Target, Descriptor, bytes], tuple[Descriptor, bytes]] | None = None
+    #: Whether to take a blob (partial pull); nodes are always taken.
+    select: Callable[[Descriptor], bool] | None = None
+    #: Called once every selected blob is at the destination, before any node is pushed there.
+    before_commit: Callable[[Target, Graph], None] | None = None
+    #: Nodes to push instead of a root the destination refused for its layer count (blobs they add included).
+    on_layer_limit: Callable[[Graph, LayerLimit], list[tuple[Descriptor, bytes]]] | None = None
+    #: Rewrite the root before pushing (``--max-layers``): the nodes to push, root last.
+    encode_root: Callable[[Graph], list[tuple[Descriptor, bytes]]] | None = None
+    #: Repositories of the destination registry that may hold a blob (cross-repository mount hints).
+    mount_candidates: Callable[[Descriptor], list[str]] | None = None
+    #: Also copy the root's referrers (signatures, attestations).
+    referrers: bool = False
+    #: Called once the copy is done (or found the destination up to date).
+    after_copy: Callable[[Graph], None] | None = None
 
 
 @dataclass
@@ -59,180 +111,258 @@ class CopyResult:
     up_to_date: bool = False
     seconds: float = 0.0
     components: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0
+    referrers: int = 0
+    #: The digest pushed under the destination reference when it differs from ``digest`` (index-split form).
+    pushed_digest: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def _label(layer: Layer) -> str:
-    return f"layer {layer.name!r}" if layer.name else "config"
+def _label(desc: Descriptor) -> str:
+    name = desc.fields.get("name")
+    return f"layer {name!r}" if isinstance(name, str) else f"blob {desc.digest}"
 
 
-def _backoff(attempt: int, base: float = 0.2, cap: float = 8.0) -> float:
-    return random.uniform(0, min(cap, base * 2**attempt))
+def collect_graph(src: Target, root: Descriptor, raw: bytes, select: Callable[[Descriptor], bool] | None) -> Graph:
+    """Fetch every node reachable from ``root`` and list the blobs the copy must move."""
+    graph = Graph(root, {}, {})
+
+    def visit(desc: Descriptor, content: bytes) -> None:
+        if desc.digest in graph.nodes:
+            return
+        node = parse_node(content, src.describe(desc.digest), desc.media_type)
+        graph.nodes[desc.digest] = (desc, content, node)
+        for child in node.children:
+            if child.is_graph_node:
+                visit(child, read_node(src, child))
+            elif select is None or select(child):
+                graph.blobs.setdefault(child.digest, child)
+            else:
+                graph.skipped.setdefault(child.digest, child)
+        graph.order.append(desc.digest)
+
+    visit(root, raw)
+    for digest in graph.blobs:
+        graph.skipped.pop(digest, None)  # a blob another node needs is taken after all
+    return graph
 
 
-def copy_model(
+def copy_graph(
     src: Target,
-    src_ref: str,
+    reference: str,
     dst: Target,
-    dst_ref: str | None,
+    dst_reference: str | None,
     *,
+    hooks: CopyHooks | None = None,
     concurrency: int = 8,
-    attempts: int = 4,
     reporter: Reporter | None = None,
     cancel: threading.Event | None = None,
-    sources: BlobSources | None = None,
 ) -> CopyResult:
-    """Copy the model ``src_ref`` names in ``src`` to ``dst`` (tagged ``dst_ref``, or by digest)."""
-    reporter = reporter or NullReporter()
+    """Copy the graph ``reference`` names in ``src`` to ``dst`` (tagged ``dst_reference``, or by digest)."""
+    hooks = hooks or CopyHooks()
+    reporter = reporter or Reporter()
     cancel = cancel or threading.Event()
     started = time.monotonic()
-    info = src.fetch_manifest(src_ref)
-    manifest = ModelManifest.from_bytes(info.raw, source=src.describe(src_ref))
-    info = ManifestInfo(raw=info.raw, media_type=manifest.media_type, digest=info.digest)
-    unique: dict[str, Layer] = {}
-    for layer in manifest.blobs:
-        unique.setdefault(layer.digest, layer)
-    layers = sorted(unique.values(), key=lambda b: b.size, reverse=True)
+    root = src.resolve(reference)
+    if root is None:
+        raise NotFoundError(f"{src.describe(reference)}: not found")
+    raw = read_node(src, root)
+    if hooks.prepare_root is not None:
+        root, raw = hooks.prepare_root(src, root, raw)
+    graph = collect_graph(src, root, raw, hooks.select)
+    blobs = sorted(graph.blobs.values(), key=lambda b: b.size, reverse=True)
     result = CopyResult(
-        source=src.describe(src_ref),
-        destination=dst.describe(dst_ref or info.digest),
-        digest=info.digest,
-        media_type=info.media_type,
-        blobs=len(layers),
-        bytes_total=sum(b.size for b in layers),
+        source=src.describe(reference),
+        destination=dst.describe(dst_reference or root.digest),
+        digest=root.digest,
+        media_type=root.media_type,
+        blobs=len(blobs),
+        bytes_total=sum(b.size for b in blobs),
+        skipped=len(graph.skipped),
     )
-    for layer in manifest.layers:
-        result.components[layer.component or "."] = result.components.get(layer.component or ".", 0) + 1
-    reporter.start(result, layers)
-
-    if dst.resolve(dst_ref or info.digest) == info.digest:
+    for layer in graph.root_node().layers:
+        key = descriptor_component(layer)
+        result.components[key] = result.components.get(key, 0) + 1
+    reporter.start(result, blobs)
+    pushes = hooks.encode_root(graph) if hooks.encode_root is not None else [(root, raw)]
+    final = pushes[-1][0]
+    existing = dst.resolve(dst_reference or final.digest)
+    if existing is not None and existing.digest == final.digest and not graph.skipped:
         result.up_to_date = True
-        result.existing = len(layers)
-        result.seconds = time.monotonic() - started
-        _record_sources(sources, src, dst, unique)
-        reporter.finish(result)
-        return result
-
-    mount_hint: list[str] = []
-    if isinstance(src, RemoteRepository) and isinstance(dst, RemoteRepository) and src.host == dst.host:
-        mount_hint = [src.repository]
-    lock = threading.Lock()
-
-    def transfer(layer: Layer) -> None:
-        try:
-            _transfer(layer)
-        except ImgpackError as exc:
-            exc.layer = layer  # type: ignore[attr-defined]
-            raise
-
-    def _transfer(layer: Layer) -> None:
-        last: BaseException | None = None
-        for attempt in range(attempts):
-            if cancel.is_set():
-                raise Cancelled("interrupted")
-            moved = 0
-
-            def progress(n: int) -> None:
-                nonlocal moved
-                moved += n
-                reporter.advance(n)
-
-            try:
-                if dst.has_blob(layer):
-                    status = "exists"
-                else:
-                    mounts = list(mount_hint)
-                    if sources is not None and isinstance(dst, RemoteRepository):
-                        mounts += [r for r in sources.repositories(dst.host, layer.digest) if r not in mounts]
-                    status = dst.push_blob(layer, src.blob_source(layer), progress, mounts)
-            except (AuthError, NotFoundError, Cancelled, GaveUp):
-                raise
-            except OSError as exc:
-                if exc.errno in LOCAL_FATAL_ERRNOS:
-                    # A full or read-only disk will not heal between retries: stop, and say why.
-                    where = f" {exc.filename}" if exc.filename else ""
-                    raise LocalIOError(f"{_label(layer)}: local I/O error{where}: {exc.strerror}") from None
-                last = exc
-                if attempt + 1 < attempts:
-                    if cancel.wait(_backoff(attempt)):
-                        raise Cancelled("interrupted") from None
-                continue
-            except RETRYABLE as exc:
-                last = exc
-                if attempt + 1 < attempts:
-                    if cancel.wait(_backoff(attempt)):
-                        raise Cancelled("interrupted") from None
-                continue
-            with lock:
-                if status in ("exists", "resumed"):
-                    result.existing += 1
-                elif status == "mounted":
-                    result.mounted += 1
-                else:
-                    result.transferred += 1
-                result.bytes_moved += moved
-            reporter.blob_done(layer, status, moved)
-            return
-        assert last is not None
-        if isinstance(last, ImgpackError):
-            detail = str(last)
-        elif isinstance(last, OSError) and last.strerror:
-            detail = f"{type(last).__name__}: {last.strerror}"
-        else:
-            detail = type(last).__name__
-        kind = IntegrityError if isinstance(last, IntegrityError) else TransferError
-        raise kind(f"{detail} (gave up after {attempts} attempts)")
-
-    failures: list[BaseException] = []
-    aborted = False  # we cancelled the remaining blobs ourselves (auth refused, registry down)
-    with dst.session():
-        pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="imgpack-copy")
-        try:
-            futures: list[Future] = [pool.submit(transfer, layer) for layer in layers]
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
-                for future in done:
-                    exc = future.exception()
-                    if exc is None or isinstance(exc, Cancelled):
-                        continue
-                    failures.append(exc)
-                    gave_up = sum(isinstance(f, GaveUp) for f in failures)
-                    if isinstance(exc, (AuthError, LocalIOError)) or gave_up >= GIVE_UP_AFTER:
-                        aborted = True
-                        cancel.set()
-        except BaseException:
-            cancel.set()
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        pool.shutdown(wait=True, cancel_futures=True)
-        if cancel.is_set() and not aborted:
-            raise Cancelled("interrupted; finished blobs and partial downloads are kept for the next run")
-        if failures:
-            first = next((f for f in failures if isinstance(f, AuthError)), failures[0])
-            kind = type(first) if isinstance(first, ImgpackError) else TransferError
-            if isinstance(first, GaveUp):
-                kind = TransferError
-            count = f"{len(failures)} of {len(layers)} blobs failed" if len(failures) > 1 else "a blob failed"
-            stopped = "; stopped early" if aborted else ""
-            layer = getattr(first, "layer", None)
-            what = f"{_label(layer)} (blob {layer.digest}): " if layer is not None else ""
-            raise kind(f"{result.destination}: {count}{stopped}; {what}{first}; the manifest was not written")
-        dst.push_manifest(dst_ref, info)
-    _record_sources(sources, src, dst, unique)
+        result.existing = len(blobs)
+    else:
+        with dst.session():
+            _move_blobs(src, dst, blobs, result, hooks, reporter, cancel, concurrency)
+            if hooks.before_commit is not None:
+                hooks.before_commit(dst, graph)
+            for digest in graph.order[:-1]:
+                desc, content, _ = graph.nodes[digest]
+                if not dst.exists(desc):
+                    dst.push_node(desc, content)
+            final = _push_root(dst, dst_reference, graph, pushes, hooks, result)
+    if final.digest != root.digest:
+        result.pushed_digest = final.digest
+    if hooks.after_copy is not None:
+        hooks.after_copy(graph)
+    if hooks.referrers and isinstance(src, ReferrerFinder):
+        for referrer, tag in src.referrers(root):
+            copy_graph(src, referrer.digest, dst, tag, concurrency=concurrency, cancel=cancel)
+            result.referrers += 1
     result.seconds = time.monotonic() - started
     reporter.finish(result)
     return result
 
 
-def _record_sources(sources: BlobSources | None, src: Target, dst: Target, blobs: dict[str, Layer]) -> None:
-    if sources is None:
-        return
-    for side in (src, dst):
-        if isinstance(side, RemoteRepository):
-            sources.record(side.host, side.repository, blobs)
+def _push_root(dst: Target, dst_reference: str | None, graph: Graph, pushes: list[tuple[Descriptor, bytes]],
+               hooks: CopyHooks, result: CopyResult) -> Descriptor:
+    """Push the root (or what replaces it) last; fall back to the split form when the registry caps layers."""
+    try:
+        _push_nodes(dst, dst_reference, pushes)
+    except LayerLimit as limit:
+        if hooks.on_layer_limit is None:
+            raise
+        pushes = hooks.on_layer_limit(graph, limit)
+        _push_nodes(dst, dst_reference, pushes, result)
+    return pushes[-1][0]
 
 
-__all__ = ["CopyResult", "LocalLayout", "RemoteRepository", "copy_model"]
+def _push_nodes(dst: Target, dst_reference: str | None, pushes: list[tuple[Descriptor, bytes]],
+                result: CopyResult | None = None) -> None:
+    for i, (desc, content) in enumerate(pushes):
+        last = i == len(pushes) - 1
+        if not desc.is_graph_node:  # a blob the replacement adds (the split form's manifest blob)
+            if not dst.exists(desc):
+                dst.push(desc, _BytesSource(desc, content), lambda _n: None)
+                if result is not None:
+                    result.transferred += 1
+            continue
+        if last:
+            dst.push_node(desc, content, dst_reference)
+        elif not dst.exists(desc):
+            dst.push_node(desc, content)
+
+
+class _BytesSource:
+    """Blob content held in memory (small generated blobs)."""
+
+    def __init__(self, descriptor: Descriptor, content: bytes) -> None:
+        self.descriptor = descriptor
+        self.content = content
+
+    def open(self, offset: int = 0):  # noqa: ANN201 - a Stream
+        import contextlib
+
+        @contextlib.contextmanager
+        def stream():  # noqa: ANN202
+            yield offset, iter([self.content[offset:]])
+
+        return stream()
+
+
+def _move_blobs(src: Target, dst: Target, blobs: list[Descriptor], result: CopyResult, hooks: CopyHooks,
+                reporter: Reporter, cancel: threading.Event, concurrency: int) -> None:
+    lock = threading.Lock()
+
+    def transfer(desc: Descriptor) -> None:
+        try:
+            status, moved = _transfer(src, dst, desc, hooks, reporter, cancel)
+        except ImgpackError as exc:
+            exc.descriptor = desc  # type: ignore[attr-defined]
+            raise
+        with lock:
+            if status.moved_nothing:
+                result.existing += 1
+            elif status is BlobStatus.MOUNTED:
+                result.mounted += 1
+            else:
+                result.transferred += 1
+            result.bytes_moved += moved
+        reporter.blob_done(desc, status.value, moved)
+
+    failures: list[BaseException] = []
+    aborted = False  # we cancelled the remaining blobs ourselves (auth refused, registry down, disk full)
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="imgpack-copy")
+    try:
+        futures: list[Future] = [pool.submit(transfer, desc) for desc in blobs]
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
+            for future in done:
+                exc = future.exception()
+                if exc is None or isinstance(exc, Cancelled):
+                    continue
+                failures.append(exc)
+                gave_up = sum(isinstance(f, GaveUp) for f in failures)
+                if isinstance(exc, (AuthError, LocalIOError, DiskFull)) or gave_up >= GIVE_UP_AFTER:
+                    aborted = True
+                    cancel.set()
+    except BaseException:
+        cancel.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True, cancel_futures=True)
+    if cancel.is_set() and not aborted:
+        raise Cancelled("interrupted; finished blobs and partial downloads are kept for the next run")
+    if failures:
+        first = next((f for f in failures if isinstance(f, AuthError)), failures[0])
+        kind: type[ImgpackError] = type(first) if isinstance(first, ImgpackError) else TransferError
+        if isinstance(first, GaveUp):
+            kind = TransferError
+        count = f"{len(failures)} of {len(blobs)} blobs failed" if len(failures) > 1 else "a blob failed"
+        stopped = "; stopped early" if aborted else ""
+        desc = getattr(first, "descriptor", None)
+        what = f"{_label(desc)} (blob {desc.digest}): " if desc is not None and desc.fields.get("name") else ""
+        raise kind(f"{result.destination}: {count}{stopped}; {what}{first}; the manifest was not written")
+
+
+def _transfer(src: Target, dst: Target, desc: Descriptor, hooks: CopyHooks, reporter: Reporter,
+              cancel: threading.Event) -> tuple[BlobStatus, int]:
+    deadline = time.monotonic() + BLOB_DEADLINE_BASE + desc.size / MIN_RATE
+    last: BaseException | None = None
+    for attempt in range(BLOB_ATTEMPTS):
+        if cancel.is_set():
+            raise Cancelled("interrupted")
+        moved = 0
+
+        def progress(n: int) -> None:
+            nonlocal moved
+            moved += n
+            reporter.advance(n)
+
+        try:
+            if dst.exists(desc):
+                return BlobStatus.EXISTS, 0
+            if isinstance(dst, Mounter) and hooks.mount_candidates is not None:
+                for repository in hooks.mount_candidates(desc):
+                    if repository != dst.repository and dst.mount(desc, repository):
+                        return BlobStatus.MOUNTED, 0
+            return dst.push(desc, TargetBlobSource(src, desc), progress), moved
+        except (AuthError, NotFoundError, Cancelled, GaveUp, DiskFull):
+            raise
+        except OSError as exc:
+            if exc.errno in LOCAL_FATAL_ERRNOS:
+                # A full or read-only disk will not heal between retries: stop, and say why.
+                where = f" {exc.filename}" if exc.filename else ""
+                raise LocalIOError(f"{_label(desc)}: local I/O error{where}: {exc.strerror}") from None
+            last = exc
+        except RETRYABLE as exc:
+            last = exc
+        if attempt + 1 < BLOB_ATTEMPTS and time.monotonic() < deadline:
+            if cancel.wait(min(8.0, 0.2 * 2**attempt)):
+                raise Cancelled("interrupted") from None
+            continue
+        break
+    assert last is not None
+    if isinstance(last, ImgpackError):
+        detail = str(last)
+    elif isinstance(last, OSError) and last.strerror:
+        detail = f"{type(last).__name__}: {last.strerror}"
+    else:
+        detail = type(last).__name__
+    kind = IntegrityError if isinstance(last, IntegrityError) and not isinstance(last, ShortBlob) else TransferError
+    raise kind(f"{detail} (gave up after {attempt + 1} attempts)")
+
+
+__all__ = ["CopyHooks", "CopyResult", "Graph", "collect_graph", "copy_graph"]

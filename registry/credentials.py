@@ -14,17 +14,16 @@ Lookup order for a registry host:
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from imgpack.schemas.errors import AuthError, ImgpackError
+from imgpack.store.atomic import atomic_file
 
 DOCKER_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io")
 HELPER_TIMEOUT_S = 30
@@ -208,19 +207,9 @@ def lookup(host: str) -> Credential:
 def _write_private_json(path: Path, data: dict) -> None:
     """Atomically replace ``path`` with ``data``; the file is created 0600 and never world-readable."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=".credentials-", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, 0o600, durable=True) as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write((json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def store_login(host: str, username: str, password: str) -> Path:

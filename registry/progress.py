@@ -12,21 +12,33 @@ import sys
 import threading
 from typing import IO, TYPE_CHECKING
 
+from imgpack.schemas.graph import Descriptor
+
 if TYPE_CHECKING:
     from imgpack.registry.copy import CopyResult
-    from imgpack.schemas.manifest import Layer
+
+
+def descriptor_name(desc: Descriptor) -> str | None:
+    name = desc.fields.get("name")
+    return name if isinstance(name, str) else None
+
+
+def descriptor_component(desc: Descriptor) -> str:
+    """The first path segment of an imgpack layer's name ('transformer'), '.' for top-level files."""
+    name = descriptor_name(desc) or ""
+    return name.split("/", 1)[0] if "/" in name else "."
 
 
 class Reporter:
     """Base reporter: does nothing (``--quiet``)."""
 
-    def start(self, result: CopyResult, layers: list[Layer]) -> None:
+    def start(self, result: CopyResult, layers: list[Descriptor]) -> None:
         pass
 
     def advance(self, n: int) -> None:
         pass
 
-    def blob_done(self, layer: Layer, status: str, moved: int) -> None:
+    def blob_done(self, layer: Descriptor, status: str, moved: int) -> None:
         pass
 
     def finish(self, result: CopyResult) -> None:
@@ -56,7 +68,7 @@ class JsonReporter(Reporter):
             self.stream.write(json.dumps(event, separators=(",", ":")) + "\n")
             self.stream.flush()
 
-    def start(self, result: CopyResult, layers: list[Layer]) -> None:
+    def start(self, result: CopyResult, layers: list[Descriptor]) -> None:
         self.total_blobs, self.total_bytes = result.blobs, result.bytes_total
         self._emit(
             {
@@ -70,7 +82,7 @@ class JsonReporter(Reporter):
             }
         )
 
-    def blob_done(self, layer: Layer, status: str, moved: int) -> None:
+    def blob_done(self, layer: Descriptor, status: str, moved: int) -> None:
         with self.lock:
             self.done_blobs += 1
             self.done_bytes += layer.size
@@ -78,8 +90,8 @@ class JsonReporter(Reporter):
         self._emit(
             {
                 "event": "layer",
-                "name": layer.name or "config",
-                "component": layer.component if layer.name else "",
+                "name": descriptor_name(layer) or layer.media_type,
+                "component": descriptor_component(layer) if descriptor_name(layer) else "",
                 "digest": layer.digest,
                 "size": layer.size,
                 "status": status,
@@ -128,7 +140,7 @@ class RichReporter(Reporter):
         self.components: dict[str, int] = {}
         self.live = None
 
-    def start(self, result: CopyResult, layers: list[Layer]) -> None:
+    def start(self, result: CopyResult, layers: list[Descriptor]) -> None:
         from rich.console import Group
         from rich.live import Live
 
@@ -137,7 +149,7 @@ class RichReporter(Reporter):
         self.bytes_task = self.bytes_progress.add_task(self.operation, total=result.bytes_total)
         totals: dict[str, int] = {}
         for layer in layers:
-            key = layer.component or "(files)" if layer.name else "(config)"
+            key = _row(layer)
             totals[key] = totals.get(key, 0) + 1
         for key, count in sorted(totals.items()):
             self.components[key] = self.count_progress.add_task(key, total=count)
@@ -151,8 +163,8 @@ class RichReporter(Reporter):
             if self.bytes_task is not None:
                 self.bytes_progress.update(self.bytes_task, advance=n)
 
-    def blob_done(self, layer: Layer, status: str, moved: int) -> None:
-        key = layer.component or "(files)" if layer.name else "(config)"
+    def blob_done(self, layer: Descriptor, status: str, moved: int) -> None:
+        key = _row(layer)
         with self.lock:
             if self.bytes_task is not None and layer.size - moved:
                 self.bytes_progress.update(self.bytes_task, advance=layer.size - moved)
@@ -166,3 +178,10 @@ class RichReporter(Reporter):
         if self.live is not None:
             self.live.stop()
             self.live = None
+
+
+def _row(desc: Descriptor) -> str:
+    if descriptor_name(desc) is None:
+        return "(config)"
+    component = descriptor_component(desc)
+    return "(files)" if component == "." else component

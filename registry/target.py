@@ -1,96 +1,169 @@
-"""What a copy reads from and writes to: the :class:`Target` interface and blob sources.
+"""What a copy reads from and writes to: the descriptor-level :class:`Target` and its optional capabilities.
 
-A target holds manifests and blobs: a repository on a registry (:mod:`imgpack.registry.remote`)
-or an OCI image layout on disk, the imgpack store included (:mod:`imgpack.registry.local`).
-Because both sides speak the same interface, push, pull and registry-to-registry copy are one
-code path (:func:`imgpack.registry.copy.copy_model`).
+A target holds content-addressed nodes (manifests, indexes) and blobs: a repository on a registry
+(:mod:`imgpack.registry.remote`), an OCI image layout on disk — the imgpack store included
+(:mod:`imgpack.registry.layout`) — or an ollama models directory (:mod:`imgpack.registry.ollama`). Every target
+speaks the same five verbs (resolve, exists, fetch, push, tag), so push, pull, copy, save and import are one
+graph walk (:func:`imgpack.registry.copy.copy_graph`).
 
-Blob bytes travel as a :class:`BlobSource`: something that can (re)open a blob's content from
-an offset, so a transfer can resume or retry without buffering whole blobs in memory.
+Capabilities only some targets have are separate protocols, found with ``isinstance``: :class:`Mounter`
+(cross-repository blob mount), :class:`ReferrerFinder` (signatures and other referrers of a manifest) and
+:class:`TagLister`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, runtime_checkable
 
-from imgpack.schemas.manifest import Layer
+from imgpack.schemas import spec
+from imgpack.schemas.errors import IntegrityError, TransferError
+from imgpack.schemas.graph import Descriptor
 
 CHUNK = 1 << 20
 
 #: Called with a signed byte count as data moves (negative when a failed attempt is rolled back).
 ProgressFn = Callable[[int], None]
 
+#: ``fetch`` yields ``(start, chunks)``: ``start`` is where the chunks begin (0 when a range was ignored).
+Stream = contextlib.AbstractContextManager[tuple[int, Iterator[bytes]]]
 
-@dataclass(frozen=True)
-class ManifestInfo:
-    """A manifest as a target holds it: exact bytes, media type and digest."""
 
-    raw: bytes
-    media_type: str
-    digest: str
+class BlobStatus(str, enum.Enum):
+    """What making one blob present at the destination took."""
+
+    EXISTS = "exists"          # already there: nothing moved
+    RESUMED = "resumed"        # a verified partial download completed without new bytes
+    DOWNLOADED = "downloaded"  # fetched into a local target
+    UPLOADED = "uploaded"      # sent to a registry
+    MOUNTED = "mounted"        # linked from another repository of the same registry
+    COPIED = "copied"          # copied between two local targets
+
+    @property
+    def moved_nothing(self) -> bool:
+        return self in (BlobStatus.EXISTS, BlobStatus.RESUMED)
 
 
 class BlobSource(Protocol):
-    """Readable blob content that can be reopened at any offset."""
+    """Readable blob content that can be reopened at any offset, so a transfer can resume or retry."""
 
-    digest: str
-    size: int
+    descriptor: Descriptor
 
-    def open(self, offset: int = 0) -> contextlib.AbstractContextManager[tuple[int, Iterator[bytes]]]:
-        """Yield ``(start, chunks)``; ``start`` is where the chunks begin (0 if the range was ignored)."""
-        ...
+    def open(self, offset: int = 0) -> Stream: ...
 
 
 class Target(Protocol):
     """One end of a copy."""
 
-    def describe(self, reference: str | None = None) -> str: ...
-
-    def resolve(self, reference: str) -> str | None:
-        """Digest of the manifest ``reference`` names, or None when there is none."""
+    def describe(self, reference: str | None = None) -> str:
+        """A human name for the target (and a reference in it), for messages."""
         ...
 
-    def fetch_manifest(self, reference: str) -> ManifestInfo: ...
-
-    def has_blob(self, layer: Layer) -> bool: ...
-
-    def blob_source(self, layer: Layer) -> BlobSource: ...
-
-    def push_blob(self, layer: Layer, source: BlobSource, progress: ProgressFn, mount_from: list[str]) -> str:
-        """Make the blob present; returns "uploaded", "downloaded", "copied" or "mounted"."""
+    def resolve(self, reference: str) -> Descriptor | None:
+        """The descriptor of the manifest or index a tag or digest names, or None when there is none."""
         ...
 
-    def push_manifest(self, reference: str | None, manifest: ManifestInfo) -> None: ...
+    def exists(self, desc: Descriptor) -> bool:
+        """Whether the blob or node is present with the descriptor's size."""
+        ...
+
+    def fetch(self, desc: Descriptor, offset: int = 0) -> Stream:
+        """Stream a blob or node's bytes from ``offset``."""
+        ...
+
+    def push(self, desc: Descriptor, source: BlobSource, progress: ProgressFn) -> BlobStatus:
+        """Make a blob present, verified against ``desc``."""
+        ...
+
+    def push_node(self, desc: Descriptor, raw: bytes, reference: str | None = None) -> None:
+        """Store a manifest or index (its children already present); tag it ``reference`` when given."""
+        ...
+
+    def tag(self, desc: Descriptor, reference: str) -> None:
+        """Point ``reference`` at a node the target already holds."""
+        ...
 
     def session(self) -> contextlib.AbstractContextManager[None]:
-        """Held around the whole blob phase (the store holds its garbage-collection lock)."""
+        """Held around a whole copy (the store holds its garbage-collection lock)."""
         ...
 
 
-class FileBlobSource:
-    """A blob in a local file."""
+@runtime_checkable
+class Mounter(Protocol):
+    """A registry repository that can link a blob from another repository of the same registry."""
 
-    def __init__(self, opener: Callable[[], BinaryIO], digest: str, size: int) -> None:
-        self._opener = opener
-        self.digest = digest
-        self.size = size
+    host: str
+    repository: str
+
+    def mount(self, desc: Descriptor, from_repository: str) -> bool:
+        """True when the blob was mounted; False when refused (the caller uploads instead)."""
+        ...
+
+
+@runtime_checkable
+class ReferrerFinder(Protocol):
+    """A target that can list what refers to a manifest: OCI 1.1 referrers and cosign ``.sig`` tags."""
+
+    def referrers(self, desc: Descriptor) -> list[tuple[Descriptor, str | None]]:
+        """(referrer descriptor, the tag it lives under or None) for each node whose subject is ``desc``."""
+        ...
+
+
+@runtime_checkable
+class TagLister(Protocol):
+    def tags(self) -> list[str]: ...
+
+
+class TargetBlobSource:
+    """A blob read from a target, reopenable at an offset."""
+
+    def __init__(self, target: Target, descriptor: Descriptor) -> None:
+        self.target = target
+        self.descriptor = descriptor
+
+    def open(self, offset: int = 0) -> Stream:
+        return self.target.fetch(self.descriptor, offset)
+
+
+def file_stream(opener: Callable[[], BinaryIO], offset: int) -> Stream:
+    """A fetch over a local file."""
 
     @contextlib.contextmanager
-    def open(self, offset: int = 0) -> Iterator[tuple[int, Iterator[bytes]]]:
-        with self._opener() as fh:
+    def stream() -> Iterator[tuple[int, Iterator[bytes]]]:
+        with opener() as fh:
             fh.seek(offset)
 
             def chunks() -> Iterator[bytes]:
-                while True:
-                    data = fh.read(CHUNK)
-                    if not data:
-                        return
+                while data := fh.read(CHUNK):
                     yield data
 
             yield offset, chunks()
+
+    return stream()
+
+
+def read_node(target: Target, desc: Descriptor, limit: int = spec.MAX_MANIFEST_BYTES, *,
+              exact_size: bool = True) -> bytes:
+    """A node's bytes from ``target``, bounded and checked against ``desc`` (its digest always; its size too
+    unless ``exact_size`` is False, where ``desc.size`` is only the bound)."""
+    from imgpack.schemas.digest import sha256_bytes
+
+    if desc.size > limit:
+        raise TransferError(f"{target.describe(desc.digest)}: manifest is {desc.size} bytes, over the {limit} limit")
+    out = bytearray()
+    with target.fetch(desc) as (_, chunks):
+        for chunk in chunks:
+            out += chunk
+            if len(out) > desc.size:
+                raise IntegrityError(f"{target.describe(desc.digest)}: more than the {desc.size} bytes declared")
+    raw = bytes(out)
+    if exact_size and len(raw) != desc.size:
+        raise IntegrityError(f"{target.describe(desc.digest)}: {len(raw)} bytes, its descriptor says {desc.size}")
+    if sha256_bytes(raw) != desc.digest:
+        raise IntegrityError(f"{target.describe(desc.digest)}: content does not match its digest")
+    return raw
 
 
 class ChunkReader:
@@ -110,7 +183,7 @@ class ChunkReader:
     def __len__(self) -> int:
         return self._length - self.sent
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int | None = -1) -> bytes:
         remaining = self._length - self.sent
         if remaining <= 0:
             return b""

@@ -1,29 +1,33 @@
-"""HTTP plumbing shared by every registry operation: sessions, auth, retries, redirects, limits.
+"""HTTP plumbing shared by every registry operation: sessions, TLS, proxies, auth, retries, redirects, limits.
 
-One :class:`RegistryClient` exists per registry host.  It owns
+One :class:`RegistryClient` exists per registry host. It owns
 
 * a ``requests.Session`` per thread (sessions are not thread-safe; connections are reused),
-* two semaphores: one bounds requests in flight, the other bounds body streams (uploads and
-  downloads), so a model with a thousand small tensors keeps many HEADs going while only a few
-  large bodies compete for bandwidth and memory,
-* the :class:`Authorizer`, which answers ``WWW-Authenticate`` challenges (basic or bearer) and
-  caches bearer tokens per scope,
-* retry policy: exponential backoff with full jitter, ``Retry-After`` honoured on 429/503.
+* an :class:`~imgpack.registry.retry.AdaptiveLimit` on requests in flight (halved on 429/503, grown back on
+  success) and a semaphore on body streams, so a model with a thousand small tensors keeps many HEADs going
+  while only a few large bodies compete for bandwidth and memory,
+* the :class:`Authorizer`, which answers ``WWW-Authenticate`` challenges (basic or bearer) and caches bearer
+  tokens per scope,
+* the one :class:`~imgpack.registry.retry.RetryPolicy` every request goes through, token fetches included.
 
-Redirects are followed by hand so the registry's ``Authorization`` header is never sent to
-another host (blob storage such as S3 signs its URLs itself).
+Network settings follow the conventions other registry clients use: ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY``
+(and lower-case forms), a CA bundle from ``--ca-file``, ``SSL_CERT_FILE`` or ``REQUESTS_CA_BUNDLE``, and docker's
+per-registry directory ``/etc/docker/certs.d/<host>/`` (``ca.crt``, ``client.cert`` + ``client.key``).
+``~/.netrc`` is never read, so credentials for one host never leak to another. Redirects are followed by hand
+so the registry's ``Authorization`` header is never sent to another host (blob storage such as S3 signs its
+URLs itself) — through a proxy as well, since the header is ours to drop.
 """
 
 from __future__ import annotations
 
 import base64
-import email.utils
 import ipaddress
-import random
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
@@ -32,13 +36,38 @@ from requests.adapters import HTTPAdapter
 
 from imgpack.registry.challenge import Challenge, parse_challenges
 from imgpack.registry.credentials import ANONYMOUS, Credential
+from imgpack.registry.retry import (
+    RETRY_STATUSES,
+    THROTTLE_STATUSES,
+    AdaptiveLimit,
+    Cancelled,
+    RetryPolicy,
+    parse_retry_after,
+)
 from imgpack.schemas.errors import AuthError, ImgpackError, TransferError
 
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 USER_AGENT = "imgpack/0.1"
+#: Where docker keeps per-registry TLS material; overridable for tests and rootless setups.
+DOCKER_CERTS_ENV = "IMGPACK_DOCKER_CERTS_DIR"
+DOCKER_CERTS_DIR = "/etc/docker/certs.d"
 Scope = tuple[str, ...]
+
+__all__ = [
+    "Authorizer",
+    "Cancelled",
+    "GaveUp",
+    "RegistryClient",
+    "Scope",
+    "TransportOptions",
+    "describe_response",
+    "is_loopback",
+    "iter_bounded",
+    "json_or_error",
+    "parse_retry_after",
+    "safe_url",
+]
 
 
 class GaveUp(TransferError):
@@ -46,15 +75,9 @@ class GaveUp(TransferError):
 
 
 def raise_for_exhausted(resp: requests.Response, what: str) -> None:
-    """Turn a final retryable status (5xx, 429) into :class:`GaveUp`, other failures stay with the caller."""
+    """Turn a final retryable status (5xx, 429) into :class:`GaveUp`; other failures stay with the caller."""
     if resp.status_code in RETRY_STATUSES:
         raise GaveUp(f"{what} answered {describe_response(resp)} on every attempt")
-
-
-class Cancelled(ImgpackError):
-    """The transfer was interrupted (Ctrl-C); finished work is kept for the next run."""
-
-    exit_code = 130
 
 
 def is_loopback(host: str) -> bool:
@@ -74,37 +97,28 @@ def safe_url(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
-def describe_response(resp: requests.Response) -> str:
-    """``HTTP 400 DIGEST_INVALID: message`` from a registry error body, without echoing headers."""
-    text = f"HTTP {resp.status_code}"
+def registry_errors(resp: requests.Response) -> list[tuple[str, str]]:
+    """The (code, message) pairs of a registry error body, if it has one."""
     try:
         body = resp.json() if resp.content and len(resp.content) < 65536 else None
     except (ValueError, requests.RequestException):
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("errors"), list):
-        parts = []
-        for err in body["errors"][:3]:
-            if isinstance(err, dict):
-                parts.append(f"{err.get('code', '?')}: {err.get('message', '')}".strip())
-        if parts:
-            text += " " + "; ".join(parts)
+        return []
+    if not isinstance(body, dict) or not isinstance(body.get("errors"), list):
+        return []
+    out = []
+    for err in body["errors"][:3]:
+        if isinstance(err, dict):
+            out.append((str(err.get("code", "?")), str(err.get("message", ""))))
+    return out
+
+
+def describe_response(resp: requests.Response) -> str:
+    """``HTTP 400 DIGEST_INVALID: message`` from a registry error body, without echoing headers."""
+    text = f"HTTP {resp.status_code}"
+    parts = [f"{code}: {message}".strip() for code, message in registry_errors(resp)]
+    if parts:
+        text += " " + "; ".join(parts)
     return text
-
-
-def parse_retry_after(value: str | None, limit: float) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date), capped at ``limit``."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, min(float(value), limit))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, min(when.timestamp() - time.time(), limit))
 
 
 @dataclass
@@ -114,21 +128,36 @@ class TransportOptions:
     insecure: bool = False
     max_requests: int = 8
     max_streams: int = 4
-    attempts: int = 5
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
-    backoff_base: float = 0.2
-    backoff_max: float = 10.0
-    retry_after_max: float = 60.0
-    cancel: threading.Event = field(default_factory=threading.Event)
+    #: A CA bundle to trust (beyond the system's), as ``--ca-file`` gives it.
+    ca_file: str | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
-    def backoff(self, attempt: int) -> float:
-        """Full-jitter exponential backoff: uniform in [0, min(max, base * 2**attempt)]."""
-        return random.uniform(0, min(self.backoff_max, self.backoff_base * (2**attempt)))
+    @property
+    def cancel(self) -> threading.Event:
+        return self.retry.cancel
 
-    def sleep(self, seconds: float) -> None:
-        if self.cancel.wait(seconds):
-            raise Cancelled("interrupted")
+
+def tls_settings(host: str, ca_file: str | None) -> tuple[str | bool, tuple[str, str] | None]:
+    """(``verify`` for requests, client certificate pair) for ``host``."""
+    certs = Path(os.environ.get(DOCKER_CERTS_ENV, DOCKER_CERTS_DIR)) / host
+    verify: str | bool = True
+    for candidate in (ca_file, os.environ.get("SSL_CERT_FILE"), os.environ.get("REQUESTS_CA_BUNDLE")):
+        if candidate:
+            if not Path(candidate).is_file():
+                raise ImgpackError(f"CA bundle {candidate} does not exist")
+            verify = candidate
+            break
+    client = None
+    if certs.is_dir():
+        ca = certs / "ca.crt"
+        if verify is True and ca.is_file():
+            verify = str(ca)
+        cert, key = certs / "client.cert", certs / "client.key"
+        if cert.is_file() and key.is_file():
+            client = (str(cert), str(key))
+    return verify, client
 
 
 @dataclass
@@ -140,8 +169,8 @@ class _Token:
 class Authorizer:
     """Turns credentials plus the registry's challenge into ``Authorization`` headers.
 
-    The scheme is learned from the first 401.  Bearer tokens are cached per scope and fetched
-    ahead of the request once the realm is known, so concurrent workers share one token fetch.
+    The scheme is learned from the first 401. Bearer tokens are cached per scope and fetched ahead of the
+    request once the realm is known, so concurrent workers share one token fetch.
     """
 
     def __init__(self, client: RegistryClient, credential: Credential) -> None:
@@ -238,60 +267,45 @@ class Authorizer:
             raise AuthError(f"{host}: refusing to send credentials to non-TLS token realm {safe_url(realm)}")
         scopes = list(scope) or ([challenge.scope] if challenge.scope else [])
         cred = self.credential
-        session = self.client.session()
-        timeout = (self.client.options.connect_timeout, self.client.options.read_timeout)
-        opts = self.client.options
-        for attempt in range(opts.attempts):
-            try:
-                if cred.identity_token:
-                    form = {
-                        "grant_type": "refresh_token",
-                        "refresh_token": cred.identity_token,
-                        "client_id": "imgpack",
-                        "access_type": "online",
-                    }
-                    if challenge.service:
-                        form["service"] = challenge.service
-                    if scopes:
-                        form["scope"] = " ".join(scopes)
-                    resp = session.post(realm, data=form, timeout=timeout, allow_redirects=False)
-                else:
-                    query: list[tuple[str, str]] = []
-                    if challenge.service:
-                        query.append(("service", challenge.service))
-                    query.extend(("scope", s) for s in scopes)
-                    url = realm + ("&" if "?" in realm else "?") + urlencode(query) if query else realm
-                    headers = {}
-                    basic = self._basic()
-                    if basic:
-                        headers["Authorization"] = basic
-                    resp = session.get(url, headers=headers, timeout=timeout, allow_redirects=False)
-            except requests.RequestException as exc:
-                if attempt + 1 >= opts.attempts:
-                    raise TransferError(
-                        f"{host}: token service {safe_url(realm)} unreachable: {type(exc).__name__}"
-                    ) from None
-                opts.sleep(opts.backoff(attempt))
-                continue
-            if resp.status_code in RETRY_STATUSES and attempt + 1 < opts.attempts:
-                delay = parse_retry_after(resp.headers.get("Retry-After"), opts.retry_after_max)
-                opts.sleep(delay if delay is not None else opts.backoff(attempt))
-                continue
-            break
+        if cred.identity_token:
+            form = {"grant_type": "refresh_token", "refresh_token": cred.identity_token, "client_id": "imgpack",
+                    "access_type": "online"}
+            if challenge.service:
+                form["service"] = challenge.service
+            if scopes:
+                form["scope"] = " ".join(scopes)
+            method, url, headers, body = "POST", realm, {"Content-Type": "application/x-www-form-urlencoded"}, \
+                urlencode(form).encode()
+        else:
+            query: list[tuple[str, str]] = []
+            if challenge.service:
+                query.append(("service", challenge.service))
+            query.extend(("scope", s) for s in scopes)
+            url = realm + ("&" if "?" in realm else "?") + urlencode(query) if query else realm
+            headers = {}
+            basic = self._basic()
+            if basic:
+                headers["Authorization"] = basic
+            method, body = "GET", None
+        try:
+            resp = self.client.exchange(method, url, headers=headers, body=body,
+                                        what=f"token service {safe_url(realm)}")
+        except GaveUp as exc:
+            raise TransferError(f"{host}: token service {safe_url(realm)} unreachable: {exc}") from None
         if resp.status_code in (401, 403):
             who = f"credentials from {cred.source}" if not cred.anonymous else "anonymous access"
             raise AuthError(f"{host}: token service refused {who} for {' '.join(scopes) or 'the registry'}")
         if resp.status_code != 200:
             raise TransferError(f"{host}: token service {safe_url(realm)} answered {describe_response(resp)}")
         try:
-            body = resp.json()
+            body_json = resp.json()
         except ValueError:
             raise AuthError(f"{host}: token service {safe_url(realm)} returned malformed JSON") from None
-        value = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
+        value = body_json.get("token") or body_json.get("access_token") if isinstance(body_json, dict) else None
         if not isinstance(value, str) or not value:
             raise AuthError(f"{host}: token service {safe_url(realm)} returned no token")
         try:
-            lifetime = float(body.get("expires_in") or 60)
+            lifetime = float(body_json.get("expires_in") or 60)
         except (TypeError, ValueError):
             lifetime = 60.0
         # Refresh a little early so a token does not expire between fetch and use.
@@ -306,17 +320,19 @@ class _ThreadSessions(threading.local):
 class RegistryClient:
     """Everything needed to talk to one registry host."""
 
-    def __init__(self, host: str, credential: Credential | None = None, options: TransportOptions | None = None):
+    def __init__(self, host: str, credential: Credential | None = None, options: TransportOptions | None = None,
+                 api_host: str | None = None):
         self.host = host
+        #: Where the API really lives (Docker Hub's is registry-1.docker.io); credentials stay keyed by ``host``.
+        self.api_host = api_host or host
         self.options = options or TransportOptions()
-        if is_loopback(host) or self.options.insecure:
-            self.scheme = "http"
-        else:
-            self.scheme = "https"
-        self.base_url = f"{self.scheme}://{host}"
+        self.retry = self.options.retry
+        self.scheme = "http" if is_loopback(self.api_host) or self.options.insecure else "https"
+        self.base_url = f"{self.scheme}://{self.api_host}"
         self.authorizer = Authorizer(self, credential or ANONYMOUS)
-        self.request_slots = threading.BoundedSemaphore(max(1, self.options.max_requests))
+        self.limit = AdaptiveLimit(self.options.max_requests)
         self.stream_slots = threading.BoundedSemaphore(max(1, self.options.max_streams))
+        self.verify, self.client_cert = tls_settings(self.api_host, self.options.ca_file)
         self._local = _ThreadSessions()
         self._sessions: list[requests.Session] = []
         self._sessions_lock = threading.Lock()
@@ -326,11 +342,14 @@ class RegistryClient:
         session = self._local.session
         if session is None:
             session = requests.Session()
-            session.trust_env = False  # no ~/.netrc credentials leaking to other hosts
+            session.trust_env = False  # no ~/.netrc credentials leaking to other hosts; proxies are set per request
             adapter = _BigBlockAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             session.headers["User-Agent"] = USER_AGENT
+            session.verify = self.verify
+            if self.client_cert:
+                session.cert = self.client_cert
             self._local.session = session
             with self._sessions_lock:
                 self._sessions.append(session)
@@ -344,6 +363,9 @@ class RegistryClient:
 
     def url(self, path: str) -> str:
         return path if "://" in path else urljoin(self.base_url + "/", path.lstrip("/"))
+
+    def _is_registry(self, url: str) -> bool:
+        return urlsplit(url).netloc.lower() == self.api_host.lower()
 
     def _send(
         self, method: str, url: str, headers: dict[str, str], body: Any, stream: bool, timeout: float | None
@@ -365,6 +387,7 @@ class RegistryClient:
                 stream=stream,
                 allow_redirects=False,
                 timeout=(self.options.connect_timeout, read_timeout),
+                proxies=requests.utils.get_environ_proxies(url),
             )
             location = resp.headers.get("Location")
             if resp.status_code not in REDIRECT_STATUSES or not location or method not in ("GET", "HEAD"):
@@ -376,10 +399,47 @@ class RegistryClient:
                 raise TransferError(f"{self.host}: redirect to unsupported URL scheme {parts.scheme!r}")
             if parts.scheme == "http" and not (self.options.insecure or is_loopback(parts.netloc)):
                 raise TransferError(f"{self.host}: refusing redirect to plain-HTTP {safe_url(target)}")
-            if parts.netloc.lower() != self.host.lower():
+            if not self._is_registry(target):
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             url = target
         raise TransferError(f"{self.host}: too many redirects for {safe_url(url)}")
+
+    def exchange(self, method: str, url: str, *, headers: dict[str, str] | None = None, body: bytes | None = None,
+                 what: str, stream: bool = False) -> requests.Response:
+        """An unauthenticated request under the retry policy (token services, probes)."""
+        return self._with_retries(method, url, what,
+                                  lambda: self._send(method, url, dict(headers or {}), body, stream, None), True)
+
+    def _with_retries(self, method: str, url: str, what: str, attempt_fn: Callable[[], requests.Response],
+                      retry: bool) -> requests.Response:
+        policy = self.retry
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            policy.check_cancel()
+            try:
+                with self.limit.slot():
+                    resp = attempt_fn()
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+                wait = policy.backoff(attempt)
+                if retry and policy.attempts_for(started, attempt, wait):
+                    policy.sleep(wait)
+                    attempt += 1
+                    continue
+                raise GaveUp(f"{method} {safe_url(url)} failed after {attempt + 1} attempt(s):"
+                             f" {type(exc).__name__}") from None
+            if resp.status_code in THROTTLE_STATUSES:
+                self.limit.throttle()
+            elif resp.status_code < 400:
+                self.limit.success()
+            if retry and resp.status_code in policy.statuses:
+                wait = policy.delay(attempt, resp.headers.get("Retry-After"))
+                if policy.attempts_for(started, attempt, wait):
+                    resp.close()
+                    policy.sleep(wait)
+                    attempt += 1
+                    continue
+            return resp
 
     def request(
         self,
@@ -395,37 +455,15 @@ class RegistryClient:
     ) -> requests.Response:
         """Send a request with auth and retries; returns the final response whatever its status.
 
-        ``body`` is bytes or a zero-argument callable producing a fresh body, so the request can
-        be replayed after a 401 or a retryable failure.  Connection failures become
-        :class:`TransferError` after the last attempt; 401/403 become :class:`AuthError`.
+        ``body`` is bytes or a zero-argument callable producing a fresh body, so the request can be replayed
+        after a 401 or a retryable failure. Connection failures become :class:`GaveUp` after the last attempt;
+        401/403 become :class:`AuthError`.
         """
-        opts = self.options
         url = self.url(path)
-        attempts = opts.attempts if retry else 1
-        last_error = ""
-        for attempt in range(attempts):
-            if opts.cancel.is_set():
-                raise Cancelled("interrupted")
-            try:
-                with self.request_slots:
-                    resp = self._authorized(method, url, scope, headers or {}, body, stream, timeout)
-            except (
-                requests.ConnectionError,
-                requests.Timeout,
-                requests.exceptions.ChunkedEncodingError,
-            ) as exc:
-                last_error = type(exc).__name__
-                if attempt + 1 < attempts:
-                    opts.sleep(opts.backoff(attempt))
-                    continue
-                raise GaveUp(f"{method} {safe_url(url)} failed after {attempts} attempt(s): {last_error}") from None
-            if resp.status_code in RETRY_STATUSES and attempt + 1 < attempts:
-                delay = parse_retry_after(resp.headers.get("Retry-After"), opts.retry_after_max)
-                resp.close()
-                opts.sleep(delay if delay is not None else opts.backoff(attempt))
-                continue
-            return resp
-        raise AssertionError("unreachable")
+        return self._with_retries(
+            method, url, f"{method} {safe_url(url)}",
+            lambda: self._authorized(method, url, scope, headers or {}, body, stream, timeout), retry,
+        )
 
     def _authorized(
         self,
@@ -442,12 +480,12 @@ class RegistryClient:
 
         sent = None
         request_headers = dict(headers)
-        if urlsplit(url).netloc.lower() == self.host.lower():
+        if self._is_registry(url):
             sent = self.authorizer.header(scope)
             if sent:
                 request_headers["Authorization"] = sent
         resp = self._send(method, url, request_headers, make_body(), stream, timeout)
-        if resp.status_code == 401 and urlsplit(url).netloc.lower() == self.host.lower():
+        if resp.status_code == 401 and self._is_registry(url):
             challenge = resp.headers.get("WWW-Authenticate")
             resp.close()
             self.authorizer.handle_challenge(challenge, scope, sent)
@@ -499,19 +537,3 @@ def iter_bounded(chunks: Iterable[bytes], limit: int, what: str) -> bytes:
         if len(out) > limit:
             raise TransferError(f"{what}: response larger than {limit} bytes")
     return bytes(out)
-
-
-__all__ = [
-    "Authorizer",
-    "Cancelled",
-    "GaveUp",
-    "RegistryClient",
-    "Scope",
-    "TransportOptions",
-    "describe_response",
-    "is_loopback",
-    "iter_bounded",
-    "json_or_error",
-    "parse_retry_after",
-    "safe_url",
-]
