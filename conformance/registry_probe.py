@@ -25,7 +25,7 @@ from imgpack.schemas import spec
 from imgpack.schemas.errors import ImgpackError, UsageError
 from imgpack.schemas.manifest import Layer, build_manifest, encode_json
 from imgpack.schemas.reference import Reference
-from imgpack.schemas.tensorblob import encode_header
+from imgpack.schemas.safetensors import encode_header
 
 #: Layer count of the large-manifest probe: well past what a big diffusion pipeline needs (~1,000 tensors).
 MANY_LAYERS = 1200

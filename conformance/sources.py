@@ -1,28 +1,32 @@
-"""Where an artifact under test lives: an OCI layout, the local store, an ollama models directory or a registry.
+"""Where an artifact under test lives — the store, an OCI layout, an ollama directory, a registry — read through
+the same targets the copy engine uses, so conformance sees exactly what a pull would.
 
-Every source answers the same four questions — the manifest bytes, a blob's size, a byte range of a blob,
-and a blob's bytes as a stream — so the checks never care where the bytes come from. Opening a source that
-is not there or not readable raises :class:`LayoutProblem`, which the suite reports as check LAY-001.
+Every source answers four questions: the manifest bytes, a blob's real size (None when missing), a byte range of
+a blob, and a blob's bytes as a stream. Opening a source that is not there or not readable raises
+:class:`LayoutProblem`, which the suite reports as check LAY-001.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from imgpack.registry.layout import LayoutTarget
+from imgpack.registry.locations import Clients, open_location
+from imgpack.registry.ollama import OllamaTarget
+from imgpack.registry.remote import RemoteRepository
+from imgpack.registry.target import Target, read_node
+from imgpack.registry.transport import TransportOptions, describe_response
 from imgpack.schemas import spec
-from imgpack.schemas.digest import check_digest, is_digest
-from imgpack.schemas.errors import ImgpackError, UsageError
-from imgpack.schemas.reference import Reference
+from imgpack.schemas.digest import is_digest
+from imgpack.schemas.errors import ImgpackError, NotFoundError, TransferError, UsageError
+from imgpack.schemas.graph import Descriptor
+from imgpack.schemas.locations import Location, parse_location
+from imgpack.store.store import Store
 
-CHUNK = 4 * 1024 * 1024
-OLLAMA_DEFAULT_HOST = "registry.ollama.ai"
-OLLAMA_DEFAULT_NAMESPACE = "library"
+BLOB = "application/octet-stream"
 
 
 class LayoutProblem(ImgpackError):
@@ -30,31 +34,78 @@ class LayoutProblem(ImgpackError):
 
 
 @dataclass
-class Source(ABC):
-    """Base class: a manifest plus the blobs it points at."""
+class Source:
+    """A manifest (or index) and the target holding the blobs it points at."""
 
     label: str
+    target: Target | None
+    root: Descriptor | None
     #: The descriptor that pointed at the manifest (an index.json entry or registry headers), if any.
     descriptor: dict[str, Any] | None = None
-    #: What kind of source this is, for the report (``oci-layout``, ``store``, ``ollama``, ``remote``).
     kind: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    clients: Clients | None = None
 
-    @abstractmethod
+    def _target(self) -> Target:
+        if self.target is None or self.root is None:
+            raise ImgpackError(f"{self.label}: the target could not be read")
+        return self.target
+
     def manifest_bytes(self) -> bytes:
-        """Each kind of source reads its own storage."""
+        """The manifest's bytes, checked against its digest only: a wrong size in the descriptor that named it is
+        what MAN-004 reports, not a reason not to read it."""
+        target = self._target()
+        assert self.root is not None
+        try:
+            return read_node(target, Descriptor(self.root.media_type, self.root.digest, spec.MAX_MANIFEST_BYTES),
+                             exact_size=False)
+        except NotFoundError as e:
+            raise LayoutProblem(str(e)) from None
 
-    @abstractmethod
+    def node_bytes(self, desc: Descriptor) -> bytes:
+        return read_node(self._target(), desc)
+
     def blob_size(self, digest: str) -> int | None:
-        """Size of the stored blob, or None when it is missing."""
+        target = self._target()
+        if not is_digest(digest):
+            return None
+        if isinstance(target, LayoutTarget):
+            path = target.store.blob_path(digest)
+        elif isinstance(target, OllamaTarget):
+            path = target.blob_path(digest)
+        else:
+            assert isinstance(target, RemoteRepository)
+            resp = target.client.request("HEAD", f"/v2/{target.repository}/blobs/{digest}", scope=target.scope)
+            resp.close()
+            if resp.status_code == 404:
+                return None
+            if resp.status_code != 200:
+                raise TransferError(f"{self.label}: HEAD blob {digest} answered {describe_response(resp)}")
+            length = resp.headers.get("Content-Length", "")
+            return int(length) if length.isdigit() else sum(len(c) for c in self.iter_blob(digest))
+        try:
+            return os.stat(path).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
 
-    @abstractmethod
     def read_range(self, digest: str, offset: int, length: int) -> bytes:
-        """Each kind of source reads its own storage."""
+        if length <= 0:
+            return b""
+        out = bytearray()
+        with self._target().fetch(Descriptor(BLOB, digest, offset + length), offset) as (start, chunks):
+            skip = offset - start
+            for chunk in chunks:
+                if skip:
+                    cut = min(skip, len(chunk))
+                    chunk, skip = chunk[cut:], skip - cut
+                out += chunk
+                if len(out) >= length:
+                    break
+        return bytes(out[:length])
 
-    @abstractmethod
     def iter_blob(self, digest: str) -> Iterator[bytes]:
-        """Each kind of source reads its own storage."""
+        with self._target().fetch(Descriptor(BLOB, digest, 0), 0) as (_, chunks):
+            yield from chunks
 
     def read_blob(self, digest: str, limit: int) -> bytes:
         """The whole blob, refusing one larger than ``limit`` bytes."""
@@ -65,216 +116,85 @@ class Source(ABC):
             raise ImgpackError(f"blob {digest} is {size} bytes, over the {limit}-byte limit for this check")
         return self.read_range(digest, 0, size)
 
-    def close(self) -> None:  # noqa: B027 - optional hook: local sources hold no connections
-        """Release connections; local sources hold none."""
+    def close(self) -> None:
+        if self.clients is not None:
+            self.clients.close()
 
 
-@dataclass
-class UnreadableSource(Source):
+def unreadable(label: str) -> Source:
     """Stands for a target that could not be opened, so the report can still list every check as skipped."""
-
-    def _refuse(self) -> ImgpackError:
-        return ImgpackError(f"{self.label}: the target could not be read")
-
-    def manifest_bytes(self) -> bytes:
-        raise self._refuse()
-
-    def blob_size(self, digest: str) -> int | None:
-        raise self._refuse()
-
-    def read_range(self, digest: str, offset: int, length: int) -> bytes:
-        raise self._refuse()
-
-    def iter_blob(self, digest: str) -> Iterator[bytes]:
-        raise self._refuse()
+    return Source(label=label, target=None, root=None, kind="unreadable")
 
 
-class _FileBlobs(Source):
-    """Blobs stored one file per digest under a directory."""
-
-    @abstractmethod
-    def blob_file(self, digest: str) -> Path:
-        """Each kind of source reads its own storage."""
-
-    def blob_size(self, digest: str) -> int | None:
-        if not is_digest(digest):
-            return None
-        try:
-            return os.stat(self.blob_file(digest)).st_size
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-
-    def read_range(self, digest: str, offset: int, length: int) -> bytes:
-        with open(self.blob_file(digest), "rb") as f:
-            f.seek(offset)
-            return f.read(length)
-
-    def iter_blob(self, digest: str) -> Iterator[bytes]:
-        with open(self.blob_file(digest), "rb", buffering=0) as f:
-            while chunk := f.read(CHUNK):
-                yield chunk
+def _store_descriptor(store: Store, name: str | None, digest: str) -> dict[str, Any]:
+    for entry in store.index_entries():
+        if entry.get("digest") == digest:
+            annotations = entry.get("annotations") or {}
+            if name is None or name in annotations.values():
+                return entry
+    return {"digest": digest}
 
 
-class LayoutSource(_FileBlobs):
-    """An OCI image layout directory (``oci:PATH``) or the imgpack store, which is one."""
-
-    def __init__(self, label: str, root: Path, entry: dict[str, Any], kind: str) -> None:
-        super().__init__(label=label, descriptor=entry, kind=kind)
-        self.root = root
-        self.digest = entry["digest"]
-
-    def blob_file(self, digest: str) -> Path:
-        return self.root / "blobs" / "sha256" / check_digest(digest)
-
-    def manifest_bytes(self) -> bytes:
-        try:
-            return self.blob_file(self.digest).read_bytes()
-        except FileNotFoundError:
-            raise LayoutProblem(f"{self.root}: index.json names manifest {self.digest}, which has no blob") from None
-
-
-class OllamaSource(_FileBlobs):
-    """An ollama models directory: ``blobs/sha256-<hex>`` and ``manifests/<host>/<ns>/<name>/<tag>``."""
-
-    def __init__(self, label: str, root: Path, manifest_path: Path) -> None:
-        super().__init__(label=label, descriptor=None, kind="ollama")
-        self.root = root
-        self.manifest_path = manifest_path
-        self.details["manifest"] = str(manifest_path.relative_to(root))
-
-    def blob_file(self, digest: str) -> Path:
-        return self.root / "blobs" / ("sha256-" + check_digest(digest))
-
-    def manifest_bytes(self) -> bytes:
-        return self.manifest_path.read_bytes()
-
-
-# -- target parsing --------------------------------------------------------------------------------------
-
-
-def _read_index(root: Path) -> list[dict[str, Any]]:
-    layout = root / "oci-layout"
+def open_source(text: str, store_path: str | None = None, *, insecure: bool = False, local: bool = False,
+                ca_file: str | None = None) -> Source:
+    """Interpret TARGET: a stored model, ``oci:PATH[:TAG]``, ``ollama:DIR[:MODEL[:TAG]]``, a layout or ollama
+    directory, or ``HOST/REPO:TAG`` (read from the registry, or with ``local`` from the store)."""
+    location = parse_location(text)
+    if location.kind == "remote" and local:
+        location = Location("store", text, reference=location.reference)
+    clients = Clients(TransportOptions(insecure=insecure, ca_file=ca_file))
     try:
-        version = json.loads(layout.read_bytes()).get("imageLayoutVersion")
-    except FileNotFoundError:
-        raise LayoutProblem(f"{root}: not an OCI image layout (no oci-layout file)") from None
-    except (ValueError, AttributeError) as e:
-        raise LayoutProblem(f"{layout}: not a JSON object: {e}") from None
-    if version != "1.0.0":
-        raise LayoutProblem(f"{layout}: imageLayoutVersion is {version!r}, expected '1.0.0'")
-    index_path = root / "index.json"
-    try:
-        index = json.loads(index_path.read_bytes())
-    except FileNotFoundError:
-        raise LayoutProblem(f"{index_path}: missing") from None
-    except ValueError as e:
-        raise LayoutProblem(f"{index_path}: not valid JSON: {e}") from None
-    entries = index.get("manifests") if isinstance(index, dict) else None
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise LayoutProblem(f"{index_path}: has no 'manifests' list of descriptors")
-    for i, entry in enumerate(entries):
-        if not is_digest(entry.get("digest")):
-            raise LayoutProblem(f"{index_path}: manifests[{i}].digest {entry.get('digest')!r} is not a sha256 digest")
-    return entries
+        store = None
+        if location.kind == "store":
+            try:
+                store = Store.open(store_path, create=False)
+            except NotFoundError as e:
+                raise LayoutProblem(str(e)) from None
+        try:
+            endpoint = open_location(location, store=store, clients=clients, write=False)
+        except (NotFoundError, UsageError) as e:
+            if location.kind == "directory" and location.path is not None and not location.path.is_dir():
+                raise LayoutProblem(f"{location.path}: no such directory") from None
+            if isinstance(e, UsageError) and location.kind != "directory":
+                raise
+            raise LayoutProblem(str(e)) from None
+        target = endpoint.target
+        reference = endpoint.reference
+        kind = {"store": "store", "remote": "remote", "layout": "oci-layout", "ollama": "ollama",
+                "directory": "oci-layout" if isinstance(target, LayoutTarget) else "ollama"}[location.kind]
+        if reference is None or (location.kind == "layout" and location.tag is None):
+            reference = _only_reference(target, text)
+        try:
+            root = target.resolve(reference)
+        except ImgpackError as e:
+            raise LayoutProblem(str(e)) from None
+        if root is None:
+            if isinstance(target, OllamaTarget):
+                path = target.manifest_path(reference).relative_to(target.root)
+                raise LayoutProblem(f"{target.root}: no manifest {path}")
+            raise LayoutProblem(f"{target.describe(reference)}: no manifest")
+        source = Source(label=text, target=target, root=root, kind=kind, clients=clients)
+        if isinstance(target, LayoutTarget):
+            name = None if is_digest(reference) else (reference if target.plain_tags else None)
+            source.descriptor = _store_descriptor(target.store, name, root.digest)
+        elif isinstance(target, RemoteRepository):
+            source.descriptor = root.to_json()
+        elif isinstance(target, OllamaTarget):
+            source.details["manifest"] = str(target.manifest_path(reference).relative_to(target.root))
+        return source
+    except BaseException:
+        clients.close()
+        raise
 
 
-def _ref_name(entry: dict[str, Any]) -> str | None:
-    annotations = entry.get("annotations")
-    return annotations.get(spec.REF_NAME_ANNOTATION) if isinstance(annotations, dict) else None
-
-
-def open_layout(root: Path, tag: str | None, label: str, kind: str = "oci-layout") -> LayoutSource:
-    """Pick the manifest ``tag`` names in the layout at ``root`` (the only one when ``tag`` is None)."""
-    if not root.is_dir():
-        raise LayoutProblem(f"{root}: no such directory")
-    entries = _read_index(root)
-    if tag is None:
-        if len(entries) != 1:
-            names = ", ".join(sorted(filter(None, map(_ref_name, entries)))) or "none tagged"
-            raise LayoutProblem(f"{root}/index.json: holds {len(entries)} manifests ({names}); name one with :TAG")
-        return LayoutSource(label, root, entries[0], kind)
-    matches = [e for e in entries if _ref_name(e) == tag]
-    if not matches:  # the store writes full references; plain OCI layouts often only the tag
-        matches = [e for e in entries if (_ref_name(e) or "").rsplit(":", 1)[-1] == tag and ":" not in tag]
-    if not matches and is_digest(tag):
-        matches = [e for e in entries if e.get("digest") == tag]
-    if len(matches) != 1:
-        what = "no manifest" if not matches else f"{len(matches)} manifests"
-        raise LayoutProblem(f"{root}/index.json: {what} tagged {tag!r}")
-    return LayoutSource(label, root, matches[0], kind)
-
-
-def _split_path_tag(text: str) -> tuple[Path, str | None]:
-    """``PATH[:REST]``: the path is the shortest colon-delimited prefix that is an existing directory."""
-    if not text:
-        raise UsageError("expected a path after the 'oci:' or 'ollama:' prefix")
-    start = 0
-    while (colon := text.find(":", start)) != -1:
-        if Path(text[:colon]).expanduser().is_dir():
-            return Path(text[:colon]).expanduser(), text[colon + 1 :] or None
-        start = colon + 1
-    return Path(text).expanduser(), None
-
-
-def is_ollama_dir(path: Path) -> bool:
-    return (path / "manifests").is_dir() and (path / "blobs").is_dir()
-
-
-def open_ollama(root: Path, name: str | None, label: str) -> OllamaSource:
-    """``name`` is ``[host/][namespace/]model[:tag]``; without it the directory must hold one manifest."""
-    if not is_ollama_dir(root):
-        raise LayoutProblem(f"{root}: not an ollama models directory (needs blobs/ and manifests/)")
-    manifests = root / "manifests"
-    if name is None:
-        found = sorted(p for p in manifests.rglob("*") if p.is_file())
-        if len(found) != 1:
-            listed = ", ".join(str(p.relative_to(manifests)) for p in found[:10]) or "none"
-            raise LayoutProblem(f"{manifests}: holds {len(found)} manifests ({listed}); name one as :MODEL:TAG")
-        return OllamaSource(label, root, found[0])
-    model, _, tag = name.partition(":")
-    parts = model.split("/")
-    if not model or len(parts) > 3 or any(p in ("", ".", "..") for p in parts) or "/" in tag:
-        raise UsageError(f"{label}: {name!r} is not an ollama model name ([host/][namespace/]model[:tag])")
-    if len(parts) == 1:
-        parts = [OLLAMA_DEFAULT_HOST, OLLAMA_DEFAULT_NAMESPACE, *parts]
-    elif len(parts) == 2:
-        parts = [OLLAMA_DEFAULT_HOST, *parts]
-    path = manifests.joinpath(*parts, tag or "latest")
-    if not path.is_file():
-        raise LayoutProblem(f"{root}: no manifest {path.relative_to(root)}")
-    return OllamaSource(label, root, path)
-
-
-def open_target(target: str, store_path: str | None = None, *, insecure: bool = False,
-                local: bool = False) -> Source:
-    """Interpret TARGET: ``oci:PATH[:TAG]``, ``ollama:PATH[:MODEL:TAG]``, a directory, or a reference."""
-    if target.startswith("oci:"):
-        path, tag = _split_path_tag(target[4:])
-        return open_layout(path, tag, target)
-    if target.startswith("ollama:"):
-        path, name = _split_path_tag(target[7:])
-        return open_ollama(path, name, target)
-    path = Path(target).expanduser()
-    if path.is_dir():
-        if (path / "oci-layout").exists():
-            return open_layout(path, None, target)
-        if is_ollama_dir(path):
-            return open_ollama(path, None, target)
-        raise LayoutProblem(f"{path}: neither an OCI image layout (oci-layout) nor an ollama models directory")
-    if os.sep in target and not target.startswith(("localhost", ".")) and target.startswith(("/", "~")):
-        raise LayoutProblem(f"{target}: no such directory")
-    ref = Reference.parse(target)
-    if ref.is_remote and not local:
-        from imgpack.conformance.remote import RemoteSource
-
-        return RemoteSource.open(ref, insecure=insecure)
-    from imgpack.store.store import Store, default_root
-
-    root = Path(store_path).expanduser() if store_path else default_root()
-    store = Store.open(root, create=False)
-    parsed, digest = store.resolve(ref)
-    entry = next((e for e in _read_index(root) if e.get("digest") == digest
-                  and _ref_name(e) == str(parsed.with_tag(parsed.tag))), None)
-    if entry is None:
-        entry = {"digest": digest}
-    return LayoutSource(str(parsed), root, entry, "store")
+def _only_reference(target: Target, text: str) -> str:
+    """A directory named without a tag must hold exactly one model."""
+    if isinstance(target, LayoutTarget):
+        names = [e.name or e.digest for e in target.store.entries()]
+    else:
+        assert isinstance(target, OllamaTarget)
+        names = target.names()
+    if len(names) != 1:
+        listed = ", ".join(names[:10]) or "none"
+        raise LayoutProblem(f"{text}: holds {len(names)} models ({listed}); name one as :TAG")
+    return names[0]

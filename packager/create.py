@@ -11,48 +11,54 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 
-from imgpack.packager.safetensors_file import SafetensorsFile, SourceTensor, read_safetensors_header
+from imgpack.packager.source_dir import ModelDir, scan_model_dir
 from imgpack.schemas import spec
+from imgpack.schemas.config import model_config
 from imgpack.schemas.digest import sha256_bytes
 from imgpack.schemas.errors import ImgpackError
+from imgpack.schemas.jsondoc import parse_json
 from imgpack.schemas.manifest import Layer, build_manifest, check_tree, encode_json, title_for
 from imgpack.schemas.names import check_name
 from imgpack.schemas.reference import Reference
-from imgpack.schemas.tensorblob import encode_header
-from imgpack.schemas.validate import validate
-from imgpack.store.store import Store, write_atomic
+from imgpack.schemas.safetensors import Entry, Header, encode_header, read_source_file
+from imgpack.store.atomic import write_atomic
+from imgpack.store.store import Store
 
-#: Weight formats imgpack does not pack: pickles can run code, and diffusers ships safetensors beside them.
-LEGACY_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".msgpack", ".h5", ".onnx", ".gguf")
 SMALL_TENSOR = 16 * 1024 * 1024
 CHUNK = 4 * 1024 * 1024
 CACHE_VERSION = 1
 
 
-def imgpack_version() -> str:
-    try:
-        return importlib_metadata.version("imgpack")
-    except importlib_metadata.PackageNotFoundError:
-        return "0+unknown"
+@dataclass(frozen=True)
+class SourceFile:
+    """A weights file as planned: where it is, its relative path and its checked header."""
+
+    path: Path
+    rel: str
+    size: int
+    header: Header
 
 
 @dataclass
 class TensorJob:
     name: str
-    source: SourceTensor
-    file: SafetensorsFile
+    entry: Entry
+    file: SourceFile
     layer: Layer | None = None
     new: bool = False  # this run wrote the blob (so it can be withdrawn if the source changed underneath)
+
+    @property
+    def offset(self) -> int:
+        """Absolute offset of the tensor's bytes in its file."""
+        return self.file.header.data_start + self.entry.begin
 
 
 @dataclass
@@ -72,57 +78,15 @@ class CreateResult:
 ProgressFn = Callable[[int], None]
 
 
-def _is_hidden(rel: Path) -> bool:
-    return any(part.startswith(".") for part in rel.parts)
-
-
-def scan_model_dir(directory: Path) -> tuple[dict, list[Path], list[Path], list[str]]:
-    """Check that ``directory`` is a diffusers model; returns (model_index, safetensors, other files, skipped)."""
-    if not directory.is_dir():
-        raise ImgpackError(f"{directory}: not a directory")
-    index_path = directory / "model_index.json"
-    if not index_path.is_file():
-        raise ImgpackError(f"{directory}: not a diffusers model directory (no model_index.json)")
+def read_weights_header(path: Path, rel: str) -> SourceFile:
+    """Parse and check a weights file's header before anything is written."""
     try:
-        model_index = json.loads(index_path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ImgpackError(f"{index_path}: not valid JSON: {e}") from None
-    if not isinstance(model_index, dict) or not isinstance(model_index.get("_class_name"), str):
-        raise ImgpackError(f"{index_path}: must be a JSON object with a string '_class_name'")
-    for key, value in model_index.items():
-        if key.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
-            continue
-        if not (directory / key).is_dir():
-            raise ImgpackError(f"{index_path}: component {key!r} ({value[0]}.{value[1]}) has no folder {key}/")
-    safetensors: list[Path] = []
-    others: list[Path] = []
-    skipped: list[str] = []
-    for root, dirs, files in os.walk(directory, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for fname in sorted(files):
-            path = Path(root) / fname
-            rel = path.relative_to(directory)
-            if _is_hidden(rel):
-                continue
-            if not path.is_file():
-                raise ImgpackError(f"{path}: not a regular file (broken symlink?)")
-            if fname.endswith(".safetensors"):
-                safetensors.append(path)
-            elif fname.endswith(LEGACY_WEIGHT_SUFFIXES):
-                skipped.append(rel.as_posix())
-            else:
-                others.append(path)
-    for key, value in model_index.items():
-        if key.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
-            continue
-        has_weights_elsewhere = any(s.startswith(key + "/") for s in skipped)
-        has_safetensors = any(p.relative_to(directory).parts[0] == key for p in safetensors)
-        if has_weights_elsewhere and not has_safetensors:
-            raise ImgpackError(
-                f"{directory / key}: component {key!r} has only legacy weight files"
-                f" ({', '.join(s for s in skipped if s.startswith(key + '/'))}); convert them to .safetensors"
-            )
-    return model_index, safetensors, others, skipped
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            header = read_source_file(f, size, str(path))
+    except OSError as e:
+        raise ImgpackError(f"{path}: cannot read: {e.strerror or e}") from None
+    return SourceFile(path, rel, size, header)
 
 
 class _Cache:
@@ -176,7 +140,7 @@ def _pack_tensor(store: Store, job: TensorJob, counters: _Counters, progress: Pr
     try:
         return _pack_tensor_unchecked(store, job, counters, progress)
     except OSError as e:
-        raise ImgpackError(f"{job.file.path}: tensor {job.source.key!r}: {e.strerror or e}") from None
+        raise ImgpackError(f"{job.file.path}: tensor {job.entry.key!r}: {e.strerror or e}") from None
 
 
 def _pack_tensor_unchecked(store: Store, job: TensorJob, counters: _Counters, progress: ProgressFn | None) -> Layer:
@@ -185,12 +149,12 @@ def _pack_tensor_unchecked(store: Store, job: TensorJob, counters: _Counters, pr
     Small tensors are read once into memory; large ones are hashed in chunks and then copied file-to-file
     in the kernel (copy_file_range), so their bytes never pass through Python twice.
     """
-    t = job.source
+    t = job.entry
     header = encode_header(t.dtype, t.shape)
     size = len(header) + t.nbytes
     hasher = hashlib.sha256(header)
     with open(job.file.path, "rb", buffering=0) as f:
-        f.seek(t.offset)
+        f.seek(job.offset)
         data: bytes | None = None
         if t.nbytes <= SMALL_TENSOR:
             data = f.read(t.nbytes)
@@ -213,17 +177,19 @@ def _pack_tensor_unchecked(store: Store, job: TensorJob, counters: _Counters, pr
             if data is not None:
                 store.put_known(digest, header + data)
             else:
-                store.put_known(digest, header, f.fileno(), t.offset, t.nbytes)
+                store.put_known(digest, header, f.fileno(), job.offset, t.nbytes)
     if progress:
         progress(t.nbytes)
     counters.add(job.new, size)
-    return _tensor_layer(job.name, digest, size, t.dtype, t.shape)
+    return tensor_layer(job.name, digest, size, t.dtype, t.shape)
 
 
-def _tensor_layer(name: str, digest: str, size: int, dtype: str, shape: list[int]) -> Layer:
+def tensor_layer(name: str, digest: str, size: int, dtype: str, shape: list[int],
+                 annotations: dict[str, str] | None = None) -> Layer:
+    """The manifest descriptor of a tensor blob, titled by its name."""
     return Layer(
         spec.TENSOR_MEDIA_TYPE, digest, size, name, dtype, list(shape),
-        {spec.TITLE_ANNOTATION: title_for(name, spec.TENSOR_MEDIA_TYPE)},
+        {spec.TITLE_ANNOTATION: title_for(name, spec.TENSOR_MEDIA_TYPE), **(annotations or {})},
     )
 
 
@@ -248,50 +214,70 @@ def _pack_file_unchecked(store: Store, path: Path, name: str, media_type: str, c
             w.abort()
         counters.add(new, w.size)
         size = w.size
+    return file_layer(name, digest, size, media_type)
+
+
+def file_layer(name: str, digest: str, size: int, media_type: str) -> Layer:
+    """The manifest descriptor of a model file (config, tokenizer file, safetensors header)."""
     return Layer(media_type, digest, size, name, annotations={spec.TITLE_ANNOTATION: title_for(name, media_type)})
 
 
-def _file_media_type(path: Path, name: str) -> str:
+def _file_media_type(path: Path) -> str:
     if path.suffix == ".json":
-        try:
-            json.loads(path.read_bytes())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ImgpackError(f"{path}: config file is not valid JSON: {e}") from None
+        parse_json(path.read_bytes(), f"{path}: config file")
         return spec.JSON_MEDIA_TYPE
     return spec.FILE_MEDIA_TYPE
 
 
-def model_config(model_index: dict, tensors: list[Layer], created: str | None) -> dict:
-    """The config blob: a reproducible summary (no timestamp unless asked for)."""
-    components: dict[str, dict] = {}
-    for key, value in sorted(model_index.items()):
-        if not key.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0] is not None:
-            components[key] = {"library": value[0], "class": value[1], "tensors": 0, "parameters": 0,
-                               "tensorBytes": 0, "dtypes": []}
-    for layer in tensors:
-        comp = components.setdefault(layer.component or ".", {"library": None, "class": None, "tensors": 0,
-                                                              "parameters": 0, "tensorBytes": 0, "dtypes": []})
-        comp["tensors"] += 1
-        comp["parameters"] += math.prod(layer.shape or [])
-        comp["tensorBytes"] += layer.size
-        if layer.dtype not in comp["dtypes"]:
-            comp["dtypes"].append(layer.dtype)
-    for comp in components.values():
-        comp["dtypes"].sort()
-    config = {
-        "specVersion": spec.SPEC_VERSION,
-        "imgpackVersion": imgpack_version(),
-        "format": "diffusers",
-        "architecture": model_index["_class_name"],
-        "components": components,
-        "parameterCount": sum(c["parameters"] for c in components.values()),
-        "tensorBytes": sum(c["tensorBytes"] for c in components.values()),
-        "dtypes": sorted({layer.dtype for layer in tensors if layer.dtype}),
-    }
-    if created:
-        config["created"] = created
-    validate("config", config, "config blob")
-    return config
+@dataclass
+class _Plan:
+    files: list[SourceFile]
+    jobs: list[TensorJob]
+    plain: list[tuple[Path, str, str]]
+    skipped: list[str]
+
+
+def _plan(scan: ModelDir, exclude: list[str]) -> _Plan:
+    """Parse and check every header, validate every name, before writing anything."""
+
+    def wanted(rel: str) -> bool:
+        return not any(Path(rel).match(pattern) for pattern in exclude)
+
+    skipped = list(scan.skipped)
+    files: list[SourceFile] = []
+    owner: dict[str, str] = {}
+    jobs: list[TensorJob] = []
+    for rel, path in sorted(scan.safetensors.items()):
+        if not wanted(rel):
+            skipped.append(rel)
+            continue
+        check_name(rel, str(path))
+        source = read_weights_header(path, rel)
+        prefix = rel.rsplit("/", 1)[0] + "/" if "/" in rel else ""
+        files.append(source)
+        for entry in source.header.by_offset():
+            name = prefix + entry.key
+            check_name(name, f"{path}: tensor {entry.key!r}")
+            if name in owner:
+                raise ImgpackError(
+                    f"{path}: duplicate tensor name {entry.key!r} (also in {owner[name]});"
+                    " exclude one of the files with --exclude"
+                )
+            owner[name] = rel
+            jobs.append(TensorJob(name, entry, source))
+    plain: list[tuple[Path, str, str]] = []
+    for rel, path in sorted(scan.others.items()):
+        if not wanted(rel):
+            skipped.append(rel)
+            continue
+        check_name(rel, str(path))
+        if rel in owner:
+            raise ImgpackError(f"{path}: file name {rel!r} collides with a tensor name from {owner[rel]}")
+        plain.append((path, rel, _file_media_type(path)))
+    if not jobs:
+        raise ImgpackError(f"{scan.root}: no .safetensors weights found")
+    check_tree([job.name for job in jobs] + [rel for _, rel, _ in plain], str(scan.root))
+    return _Plan(files, jobs, plain, skipped)
 
 
 def create_model(
@@ -302,6 +288,7 @@ def create_model(
     *,
     exclude: list[str] | None = None,
     timestamp: bool = False,
+    follow_external_links: bool = False,
     workers: int | None = None,
     progress: ProgressFn | None = None,
     plan_done: Callable[[int], None] | None = None,
@@ -312,53 +299,12 @@ def create_model(
     reference = Reference.parse(ref)
     if reference.digest:
         raise ImgpackError(f"{ref}: a model name cannot contain a digest; use NAME[:TAG]")
-    directory = Path(directory)
-    model_index, st_paths, other_paths, skipped = scan_model_dir(directory)
-    excluded = [p for p in exclude or []]
-
-    def wanted(rel: str) -> bool:
-        return not any(Path(rel).match(pattern) for pattern in excluded)
-
-    # Plan: parse and check every header, validate every name, before writing anything.
-    files: list[tuple[SafetensorsFile, str]] = []
-    owner: dict[str, str] = {}
-    jobs: list[TensorJob] = []
-    for path in st_paths:
-        rel = path.relative_to(directory).as_posix()
-        if not wanted(rel):
-            skipped.append(rel)
-            continue
-        st_file = read_safetensors_header(path, label=str(path))
-        prefix = rel.rsplit("/", 1)[0] + "/" if "/" in rel else ""
-        check_name(rel, str(path))
-        files.append((st_file, rel))
-        for t in st_file.tensors:
-            name = prefix + t.key
-            check_name(name, f"{path}: tensor {t.key!r}")
-            if name in owner:
-                raise ImgpackError(
-                    f"{path}: duplicate tensor name {t.key!r} (also in {owner[name]});"
-                    " exclude one of the files with --exclude"
-                )
-            owner[name] = rel
-            jobs.append(TensorJob(name, t, st_file))
-    plain: list[tuple[Path, str, str]] = []
-    for path in other_paths:
-        rel = path.relative_to(directory).as_posix()
-        if not wanted(rel):
-            skipped.append(rel)
-            continue
-        check_name(rel, str(path))
-        if rel in owner:
-            raise ImgpackError(f"{path}: file name {rel!r} collides with a tensor name from {owner[rel]}")
-        plain.append((path, rel, _file_media_type(path, rel)))
-    if not jobs:
-        raise ImgpackError(f"{directory}: no .safetensors weights found")
-    check_tree([job.name for job in jobs] + [rel for _, rel, _ in plain], str(directory))
-    stats_before = {str(f.path): os.stat(f.path) for f, _ in files}
-    total = sum(j.source.nbytes for j in jobs)
+    scan = scan_model_dir(Path(directory), follow_external_links=follow_external_links)
+    plan = _plan(scan, list(exclude or []))
+    jobs = plan.jobs
+    stats_before = {f.rel: os.stat(f.path) for f in plan.files}
     if plan_done:
-        plan_done(total)
+        plan_done(sum(j.entry.nbytes for j in jobs))
 
     cache = _Cache(store)
     counters = _Counters()
@@ -368,21 +314,21 @@ def create_model(
         pending: list[TensorJob] = []
         by_file: dict[str, list[TensorJob]] = {}
         for job in jobs:
-            by_file.setdefault(str(job.file.path), []).append(job)
-        for st_file, _ in files:
-            file_jobs = by_file.get(str(st_file.path), [])
-            hit = cache.get(st_file.path)
+            by_file.setdefault(job.file.rel, []).append(job)
+        for source in plan.files:
+            file_jobs = by_file.get(source.rel, [])
+            hit = cache.get(source.path)
             if hit and _cache_hit_usable(store, hit, file_jobs):
                 for job in file_jobs:
-                    digest, size = hit["tensors"][job.source.key]
-                    job.layer = _tensor_layer(job.name, digest, size, job.source.dtype, job.source.shape)
+                    digest, size = hit["tensors"][job.entry.key]
+                    job.layer = tensor_layer(job.name, digest, size, job.entry.dtype, job.entry.shape)
                     counters.add(False, size)
                 cached_files += 1
                 if progress:
-                    progress(sum(j.source.nbytes for j in file_jobs))
+                    progress(sum(j.entry.nbytes for j in file_jobs))
             else:
                 pending.extend(file_jobs)
-        pending.sort(key=lambda j: -j.source.nbytes)  # big first: better load balance
+        pending.sort(key=lambda j: -j.entry.nbytes)  # big first: better load balance
         n_workers = workers or max(2, min(4, (os.cpu_count() or 2) + 1))
         pool = ThreadPoolExecutor(max_workers=n_workers)
         try:
@@ -394,30 +340,29 @@ def create_model(
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown()
-        for st_file, _rel in files:
-            now = os.stat(st_file.path)
-            before = stats_before[str(st_file.path)]
+        for source in plan.files:
+            now = os.stat(source.path)
+            before = stats_before[source.rel]
             if (now.st_size, now.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-                for job in by_file.get(str(st_file.path), []):
+                for job in by_file.get(source.rel, []):
                     if job.new and job.layer:
                         store.blob_path(job.layer.digest).unlink(missing_ok=True)
-                raise ImgpackError(f"{st_file.path}: file changed while it was being packed; run create again")
-            cache.put(st_file.path, {
-                "tensors": {j.source.key: [j.layer.digest, j.layer.size] for j in by_file.get(str(st_file.path), [])}
+                raise ImgpackError(f"{source.path}: file changed while it was being packed; run create again")
+            cache.put(source.path, {
+                "tensors": {j.entry.key: [j.layer.digest, j.layer.size] for j in by_file.get(source.rel, [])
+                            if j.layer}
             })
         header_layers = []
-        for st_file, rel in files:
-            new = not store.has_blob(sha256_bytes(st_file.header_bytes), len(st_file.header_bytes))
-            digest, size = store.put_bytes(st_file.header_bytes)
+        for source in plan.files:
+            prefix = source.header.prefix
+            new = not store.has_blob(sha256_bytes(prefix), len(prefix))
+            digest, size = store.put_bytes(prefix)
             counters.add(new, size)
-            header_layers.append(Layer(
-                spec.SAFETENSORS_HEADER_MEDIA_TYPE, digest, size, rel,
-                annotations={spec.TITLE_ANNOTATION: title_for(rel, spec.SAFETENSORS_HEADER_MEDIA_TYPE)},
-            ))
-        file_layers = [_pack_file(store, path, rel, media_type, counters) for path, rel, media_type in plain]
+            header_layers.append(file_layer(source.rel, digest, size, spec.SAFETENSORS_HEADER_MEDIA_TYPE))
+        file_layers = [_pack_file(store, path, rel, media_type, counters) for path, rel, media_type in plan.plain]
         tensor_layers = sorted((job.layer for job in jobs if job.layer), key=lambda layer: layer.name or "")
         created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if timestamp else None
-        config = model_config(model_index, tensor_layers, created)
+        config = model_config(scan.model_index, tensor_layers, created)
         config_raw = encode_json(config)
         config_digest, config_size = store.put_bytes(config_raw)
         config_type = spec.CONFIG_MEDIA_TYPE if fmt == "oci" else spec.OLLAMA_CONFIG_MEDIA_TYPE
@@ -437,7 +382,7 @@ def create_model(
         new_bytes=counters.new_bytes,
         reused_blobs=counters.reused,
         cached_files=cached_files,
-        skipped=sorted(skipped),
+        skipped=sorted(plan.skipped),
     )
 
 
@@ -446,7 +391,7 @@ def _cache_hit_usable(store: Store, hit: dict, jobs: list[TensorJob]) -> bool:
     if len(tensors) != len(jobs):
         return False
     for job in jobs:
-        entry = tensors.get(job.source.key)
+        entry = tensors.get(job.entry.key)
         if not entry or not store.has_blob(entry[0], entry[1]):
             return False
     return True

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 
+from imgpack.schemas.content import header_layer_problems, tensor_problems
 from imgpack.schemas.errors import ImgpackError, IntegrityError
+from imgpack.schemas.jsondoc import parse_json
 from imgpack.schemas.manifest import Layer, ModelManifest
-from imgpack.schemas.tensorblob import TensorHeader, read_header
+from imgpack.schemas.safetensors import TOLERATED, Entry, encode_entries
 from imgpack.store.store import Store
 
 CHUNK = 4 * 1024 * 1024
@@ -59,23 +59,28 @@ class _VerifiedBlob:
             )
 
 
-def _tensor_header(store: Store, layer: Layer) -> TensorHeader:
-    """The blob's own header; checked against the descriptor's dtype/shape where the manifest has them."""
-    with store.open_blob(layer.digest) as f:
-        header = read_header(f, layer.size, f"layer {layer.name!r}")
-    if layer.dtype is not None and (header.dtype != layer.dtype or header.shape != layer.shape):
-        raise IntegrityError(
-            f"layer {layer.name!r}: blob holds {header.dtype} {header.shape}, manifest says {layer.dtype} {layer.shape}"
-        )
-    return header
+def _tensor_entries(store: Store, layer: Layer) -> list[tuple[int, Entry]]:
+    """(absolute offset, entry) of every tensor a blob holds, in offset order; refused when malformed."""
+
+    def read(offset: int, length: int) -> bytes:
+        with store.open_blob(layer.digest) as f:
+            f.seek(offset)
+            return f.read(length)
+
+    where = f"layer {layer.name!r}"
+    header, problems = tensor_problems(layer.to_json(), read, layer.size, where)
+    fatal = [m for c, m in problems if c not in TOLERATED]
+    if header is None or fatal:
+        raise IntegrityError(f"{where}: blob {layer.digest} is not a valid tensor blob: {'; '.join(fatal)}")
+    return [(header.data_start + e.begin, e) for e in header.by_offset()]
 
 
-def _copy_tensor(store: Store, layer: Layer, out, header: TensorHeader | None = None) -> None:
-    start = (header or _tensor_header(store, layer)).data_start
+def _copy_range(store: Store, layer: Layer, out, start: int, count: int) -> None:
+    """Copy ``count`` bytes of the blob from ``start``, hashing the whole blob on the way."""
     blob = _VerifiedBlob(store, layer)
     try:
         blob.skip_to(start)
-        blob.copy_to(out, layer.size - start)
+        blob.copy_to(out, count)
     finally:
         blob.close()
 
@@ -83,25 +88,28 @@ def _copy_tensor(store: Store, layer: Layer, out, header: TensorHeader | None = 
 def _write_from_header(store: Store, manifest: ModelManifest, header_layer: Layer, target: Path,
                        tensors: dict[str, Layer], used: set[str]) -> None:
     raw = store.read_blob(header_layer.digest)
-    (n,) = struct.unpack("<Q", raw[:8])
-    entries = json.loads(raw[8 : 8 + n])
-    entries.pop("__metadata__", None)
     name = header_layer.name or ""
+    parsed, problems = header_layer_problems(raw)
+    if parsed is None:
+        raise IntegrityError(f"{manifest.source}: header layer {name!r} is malformed: {problems[0][1]}")
     prefix = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
-    order = sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0])
     with open(target, "wb") as out:
         out.write(raw)
-        for key, info in order:
-            layer = tensors.get(prefix + key)
+        for entry in parsed.by_offset():
+            layer = tensors.get(prefix + entry.key)
             if layer is None:
-                raise ImgpackError(f"{manifest.source}: {name} needs tensor {prefix + key!r}, which has no layer")
-            header = _tensor_header(store, layer)
-            if header.dtype != info["dtype"] or header.shape != info["shape"]:
+                raise ImgpackError(f"{manifest.source}: {name} needs tensor {prefix + entry.key!r}, which has no layer")
+            entries = _tensor_entries(store, layer)
+            if len(entries) != 1:
+                raise ImgpackError(f"{manifest.source}: layer {layer.name!r} is a quantized tensor; {name}'s"
+                                   " original bytes are not in this model")
+            start, blob_entry = entries[0]
+            if (blob_entry.dtype, blob_entry.shape) != (entry.dtype, entry.shape):
                 raise ImgpackError(
-                    f"{manifest.source}: layer {layer.name!r} is {header.dtype} {header.shape} but {name}'s header"
-                    f" says {info['dtype']} {info['shape']}"
+                    f"{manifest.source}: layer {layer.name!r} is {blob_entry.dtype} {blob_entry.shape} but {name}'s"
+                    f" header says {entry.dtype} {entry.shape}"
                 )
-            _copy_tensor(store, layer, out, header)
+            _copy_range(store, layer, out, start, blob_entry.nbytes)
             used.add(layer.name or "")
 
 
@@ -109,28 +117,34 @@ def _standard_weights_name(manifest_files: dict[str, bytes], component: str) -> 
     """transformers components use model.safetensors; diffusers ones diffusion_pytorch_model.safetensors."""
     index = manifest_files.get("model_index.json")
     if index:
-        with contextlib.suppress(ValueError, TypeError):
-            entry = json.loads(index).get(component)
+        with contextlib.suppress(ImgpackError):
+            entry = parse_json(index, "model_index.json")
+            entry = entry.get(component) if isinstance(entry, dict) else None
             if isinstance(entry, list) and entry and entry[0] == "transformers":
                 return "model.safetensors"
     return "diffusion_pytorch_model.safetensors"
 
 
 def _write_synthesised(store: Store, target: Path, layers: list[Layer], prefix: str) -> None:
+    """One standard safetensors file for tensors that came without a header layer (made by other tools, or
+    quantized): every tensor a blob holds, keyed as in the blob without the component prefix."""
     ordered = sorted(layers, key=lambda x: x.name or "")
-    headers = [_tensor_header(store, layer) for layer in ordered]
-    entries: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for layer, header in zip(ordered, headers, strict=True):
-        entries[(layer.name or "")[len(prefix):]] = {"dtype": header.dtype, "shape": header.shape,
-                                                     "data_offsets": [offset, offset + header.nbytes]}
-        offset += header.nbytes
-    text = json.dumps(entries, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
+    parts: list[tuple[Layer, int, Entry, str]] = []
+    for layer in ordered:
+        entries = _tensor_entries(store, layer)
+        base = (layer.name or "")[len(prefix):]
+        for start, entry in entries:
+            key = base if len(entries) == 1 else entry.key.removeprefix(prefix)
+            parts.append((layer, start, entry, key))
+    header = encode_entries([(key, entry.dtype, entry.shape) for _, _, entry, key in parts], {"format": "pt"})
+    by_key = {key: (layer, start, entry) for layer, start, entry, key in parts}
+    if len(by_key) != len(parts):
+        raise ImgpackError(f"{target}: two tensors would share one key")
     with open(target, "wb") as out:
-        out.write(struct.pack("<Q", len(text)) + text)
-        for layer, header in zip(ordered, headers, strict=True):
-            _copy_tensor(store, layer, out, header)
+        out.write(header)
+        for key in sorted(by_key):
+            layer, start, entry = by_key[key]
+            _copy_range(store, layer, out, start, entry.nbytes)
 
 
 def export_model(store: Store, ref: str, directory: str | Path) -> ModelManifest:

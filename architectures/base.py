@@ -1,0 +1,118 @@
+"""What every architecture module shares: the expectation type, config-field readers, state-dict builders.
+
+An architecture's tensor rules are a pure function from its component configs to the tensor names and shapes a
+model must carry. The runtime builds its networks from the same configs; a test checks that the two agree, so
+conformance, ``verify`` and the loader can never disagree about what a model needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigProblem(Exception):
+    """A component config lacks a field the derivation needs, or has a value of the wrong type."""
+
+    def __init__(self, file: str, message: str) -> None:
+        super().__init__(f"{file}: {message}")
+        self.file = file
+
+
+@dataclass
+class Expectation:
+    """Expected tensors: ``required`` must be present, ``optional`` may be; both map name -> shape."""
+
+    required: dict[str, list[int]]
+    optional: dict[str, list[int]]
+    #: Name prefixes the text encoder may use instead of ``text_encoder/model.`` (``text_encoder/``).
+    aliases: dict[str, str]
+    #: Optional tensor groups whose absence is worth a warning (the VAE encoder).
+    optional_groups: dict[str, str]
+
+
+def int_field(config: dict[str, Any], key: str, file: str, default: int | None = None) -> int:
+    value = config.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigProblem(file, f"field {key!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def int_list_field(config: dict[str, Any], key: str, file: str, default: list[int] | None = None) -> list[int]:
+    value = config.get(key, default)
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise ConfigProblem(file, f"field {key!r} must be a non-empty list of positive integers, got {value!r}")
+    return value
+
+
+def bool_field(config: dict[str, Any], key: str, file: str, default: bool) -> bool:
+    value = config.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigProblem(file, f"field {key!r} must be true or false, got {value!r}")
+    return value
+
+
+def linear(out: dict[str, list[int]], name: str, n_out: int, n_in: int, bias: bool = True) -> None:
+    out[name + ".weight"] = [n_out, n_in]
+    if bias:
+        out[name + ".bias"] = [n_out]
+
+
+def conv(out: dict[str, list[int]], name: str, n_out: int, n_in: int, k: int) -> None:
+    out[name + ".weight"] = [n_out, n_in, k, k]
+    out[name + ".bias"] = [n_out]
+
+
+def norm(out: dict[str, list[int]], name: str, channels: int) -> None:
+    out[name + ".weight"] = [channels]
+    out[name + ".bias"] = [channels]
+
+
+
+
+def canonical_name(name: str, expectation: Expectation) -> str:
+    """Map an accepted alias (``text_encoder/layers.0...``) to the expected name (``text_encoder/model.layers...``)."""
+    if name in expectation.required or name in expectation.optional:
+        return name
+    for alias, target in expectation.aliases.items():
+        if name.startswith(alias) and not name.startswith(target):
+            candidate = target + name[len(alias):]
+            if candidate in expectation.required or candidate in expectation.optional:
+                return candidate
+    return name
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """What ``run`` and the server use when a request does not say, and the sizes an architecture accepts."""
+
+    steps: int
+    guidance: float
+    width: int = 1024
+    height: int = 1024
+    #: Sides must be multiples of this (the VAE's scale factor times the transformer's patch size).
+    size_multiple: int = 16
+    min_side: int = 64
+    max_side: int = 2048
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One pipeline family: how to recognise it, its tensor rules, its defaults, and where its runtime lives."""
+
+    name: str
+    #: ``model_index.json`` ``_class_name`` values (ollama's rewrite keeps them in ``architecture``).
+    class_names: tuple[str, ...]
+    config_files: tuple[str, ...]
+    expected_tensors: Callable[[dict[str, Any]], Expectation]
+    defaults: GenerationDefaults
+    #: ``module:Class`` of the runtime pipeline, imported only when a model of this family runs.
+    runtime: str
+    #: The starting-noise shape for a seed, as a function of (height, width): documented portable seeds.
+    noise_shape: Callable[[int, int], tuple[int, ...]] = field(default=lambda h, w: (1, 16, h // 8, w // 8))
+    description: str = ""
