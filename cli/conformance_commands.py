@@ -4,30 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from imgpack.conformance.report import Report, render_table
-from imgpack.schemas.errors import ImgpackError, UsageError
+from imgpack.conformance.report import render_table
+from imgpack.schemas.errors import UsageError
 
 #: Exit status when a required check fails (the artifact or registry does not conform).
 EXIT_NONCONFORMANT = 1
-
-
-def run_target(target: str, store: str | None, *, insecure: bool = False, local: bool = False) -> Report:
-    """Open TARGET and run the artifact checks; an unreadable target is reported as LAY-001."""
-    from imgpack.conformance.artifact import ArtifactCheck, check_artifact
-    from imgpack.conformance.sources import LayoutProblem, UnreadableSource, open_target
-
-    try:
-        source = open_target(target, store, insecure=insecure, local=local)
-    except UsageError:
-        raise
-    except (LayoutProblem, ImgpackError) as e:
-        check = ArtifactCheck(UnreadableSource(label=target, kind="unreadable"))
-        check.report.fail("LAY-001", target, str(e))
-        return check._skip_rest("the target could not be read")
-    try:
-        return check_artifact(source)
-    finally:
-        source.close()
 
 
 def cmd_conformance(args: argparse.Namespace) -> int:
@@ -40,6 +21,8 @@ def cmd_conformance(args: argparse.Namespace) -> int:
 
         report = probe_registry(args.registry, insecure=args.insecure, keep=args.keep)
     elif args.target:
+        from imgpack.conformance.suite import run_target
+
         report = run_target(args.target, getattr(args, "store", None), insecure=args.insecure, local=args.local)
     else:
         raise UsageError("conformance needs a TARGET (reference, oci:PATH[:TAG], ollama:PATH[:MODEL:TAG],"
@@ -57,9 +40,10 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_NONCONFORMANT
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
         "conformance",
+        parents=[common],
         help="check an artifact or a registry against imgpack spec v1",
         description="Run the spec v1 conformance checks. Exit 0 only when every required check passes.",
     )
@@ -67,7 +51,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="store reference, oci:PATH[:TAG], ollama:PATH[:MODEL:TAG], a layout directory,"
                         " or HOST/REPO:TAG")
     p.add_argument("--registry", metavar="HOST/REPO", help="probe what a registry supports instead")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report to FILE")
     p.add_argument("--insecure", action="store_true", help="allow plain HTTP / unverified TLS to the registry")
     p.add_argument("--local", action="store_true", help="read HOST/REPO:TAG from the local store, not the registry")

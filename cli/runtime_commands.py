@@ -171,24 +171,34 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("run", help="generate an image from a stored model with MLX")
+def cmd_run_any(args: argparse.Namespace) -> int:
+    """``imgpack run``: in this process, or with ``--host`` on a running server."""
+    if args.host:
+        from imgpack.cli.server_commands import run_remote
+
+        return run_remote(args)
+    return cmd_run(args)
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("run", parents=[common], help="generate an image from a stored model with MLX",
+                       description="Generate an image from a stored model with MLX (or on a server with --host).")
     p.add_argument("ref", metavar="REF", help="model reference in the store (pull it first)")
-    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("prompt", metavar="PROMPT", help="what to draw")
     p.add_argument("-o", "--output", metavar="FILE", help="PNG to write (default: imgpack-<time>-<seed>.png here)")
     p.add_argument("--size", default="1024x1024", metavar="WxH", help="image size, multiples of 16 (default 1024x1024)")
-    p.add_argument("--steps", type=int, metavar="N", help="denoising steps (default: 8, Z-Image-Turbo's)")
+    p.add_argument("--steps", type=int, metavar="N", help="denoising steps (default: the architecture's, 8 for"
+                   " Z-Image-Turbo)")
     p.add_argument("--seed", type=int, metavar="S", help="noise seed; the same seed gives the same image everywhere")
     p.add_argument("--negative", metavar="TEXT", help="negative prompt (used only with --guidance > 0)")
     p.add_argument("--guidance", type=float, default=0.0, metavar="G", help="CFG scale; 0 disables (default 0)")
     p.add_argument("--open", action="store_true", help="show the image when done")
     p.add_argument("-v", "--verbose", action="store_true", help="report device, BLAS, memory and timings")
-    p.set_defaults(func=cmd_run)
+    p.add_argument("--host", metavar="HOST[:PORT]", help="generate on a running 'imgpack serve' instead of in this"
+                   " process")
+    p.set_defaults(func=cmd_run_any)
 
-    p = subparsers.add_parser("doctor", help="check the MLX runtime: versions, device, BLAS and matmul speed")
+    p = sub.add_parser("doctor", parents=[common], help="check the MLX runtime: versions, device, BLAS and matmul"
+                       " speed", description="Check the MLX runtime: versions, device, BLAS and matmul speed.")
     p.add_argument("--matmul-size", type=int, default=2048, metavar="N", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_doctor)
-
-    from imgpack.cli.server_commands import register as register_server  # serve, ps, stop and run --host
-
-    register_server(subparsers)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -19,6 +22,40 @@ from rich.progress import (
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
+
+#: Characters that reorder or hide text on a terminal (bidi overrides and isolates, line/paragraph separators).
+_INVISIBLE = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029")
+
+
+def safe(text: object) -> str:
+    """Untrusted text made fit for a terminal: every control character (C0, DEL, C1 — ESC sequences that clear
+    the screen or set the title), bidi override and line separator becomes a visible escape; ``\\n`` and ``\\t``
+    too, so one message stays one line. Everything else, non-ASCII letters included, is kept."""
+    s = str(text)
+    if s.isprintable():
+        return s
+    out_chars = []
+    for ch in s:
+        if ch in _INVISIBLE or unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs"):
+            code = ord(ch)
+            out_chars.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out_chars.append(ch)
+    return "".join(out_chars)
+
+
+def markup_safe(text: object) -> str:
+    """``safe`` plus rich-markup escaping, for text printed through a rich console."""
+    from rich.markup import escape
+
+    return escape(safe(text))
+
+
+def emit_json(event: dict[str, Any], stream: Any = None) -> None:
+    """One JSON event per line (``--json``); ASCII-escaped, so no control character reaches a terminal."""
+    target = stream or sys.stdout
+    target.write(json.dumps(event, separators=(",", ":"), ensure_ascii=True) + "\n")
+    target.flush()
 
 
 def is_tty() -> bool:

@@ -428,7 +428,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(png)
 
     def _models(self) -> None:
-        rows = [self._model_row(name, digest) for name, digest in self.server.store.list()]
+        rows = [self._model_row(name, digest) for name, digest in self.server.store.references()]
         self._send_json(200, {"object": "list", "data": rows})
 
     def _model_row(self, name: str, digest: str) -> dict[str, Any]:

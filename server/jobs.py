@@ -147,7 +147,7 @@ class ModelManager:
         """
         try:
             if reference.tag is None and reference.digest:
-                for name, digest in self.store.list():
+                for name, digest in self.store.references():
                     if digest == reference.digest:
                         return name, digest
                 raise NotFoundError(given)

@@ -516,7 +516,7 @@ def write_mini_model(directory: Path, seeds: dict[str, int], tensors: int = 6, r
     from safetensors.numpy import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    index = {"_class_name": "ZImagePipeline"}
+    index = {"_class_name": "ImgpackTestPipeline"}  # not a real architecture: only generic checks apply
     for component, seed in seeds.items():
         index[component] = ["diffusers", "Component"]
         (directory / component).mkdir(exist_ok=True)

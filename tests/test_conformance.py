@@ -13,9 +13,10 @@ import pytest
 from safetensors import safe_open
 
 from imgpack.architectures import zimage
-from imgpack.cli.conformance_commands import run_target
 from imgpack.cli.main import main
 from imgpack.conformance.catalog import ARTIFACT_CHECKS, CHECKS
+from imgpack.conformance.suite import run_target
+from imgpack.conformance.verify import verify_store
 from imgpack.packager.create import create_model
 from imgpack.schemas.errors import ImgpackError
 from imgpack.schemas.manifest import ModelManifest
@@ -177,7 +178,7 @@ def test_valid_vector_conforms(vector: dict) -> None:
     assert report.failed == [], [f for f in report.findings if f.status == "fail"]
     expected_warnings = {
         "zimage-oci": [], "zimage-ollama": [], "dtypes": ["ARC-001"], "zimage-sharded": ["ARC-006"],
-        "ollama-made": ["MAN-003", "MAN-005", "CFG-001", "TNS-004"],
+        "ollama-made": ["MAN-003", "MAN-005", "CFG-001", "TNS-004"], "quantized": ["ARC-001"],
     }[vector["name"]]
     assert report.warned == expected_warnings
     assert report.info["flavour"] == vector["flavour"]
@@ -194,10 +195,10 @@ def test_invalid_vector_fails_exactly_its_check(vector: dict) -> None:
 
 
 def test_dtype_vector_holds_every_dtype_and_edge_shape() -> None:
-    from imgpack.schemas.tensorblob import DTYPE_SIZES
+    from imgpack.schemas.safetensors import DTYPE_SIZES
 
     store = Store.open(VECTORS / "valid" / "dtypes", create=False)
-    (ref, _), = store.list()
+    (ref, _), = store.references()
     manifest = store.get_manifest(ref)
     assert {t.dtype for t in manifest.tensors} == set(DTYPE_SIZES)
     shapes = {t.name: t.shape for t in manifest.tensors}
@@ -235,15 +236,11 @@ VERIFY_REFUSES = {
     "FIL-002-no-model-index": "no model_index.json layer",
     "FIL-003-component-without-layers": "has no layers under",
     "FIL-004-header-layer-mismatch": "which has no layer",
-}
-#: Checks the suite enforces that Store.verify leaves to others: titles (generic-tool layout only) and the
-#: architecture rules, which `imgpack conformance` and the runtime loader enforce. Strict, so the test flips
-#: when verify starts refusing one of them.
-NOT_REFUSED_BY_STORE = {
-    "MAN-005-title-not-name": "titles are not checked by ModelManifest.from_bytes",
-    "ARC-002-transformer-config-without-dim": "verify has no architecture rules (the runtime loader refuses)",
-    "ARC-003-missing-tensor": "verify has no architecture rules (the runtime loader refuses)",
-    "ARC-004-wrong-shape": "verify has no architecture rules (the runtime loader refuses)",
+    "MAN-005-title-not-name": "expected 'weights/config.json'",
+    "ARC-002-transformer-config-without-dim": "'dim'",
+    "ARC-003-missing-tensor": "transformer/t_embedder.mlp.0",
+    "ARC-004-wrong-shape": "the configs require [1024, 256]",
+    "TNS-010-quantized-scale-shape": "has shape [4, 3], expected [4, 2]",
 }
 
 
@@ -259,7 +256,7 @@ def test_valid_vectors_load_in_store_manifest_and_export(vector: dict, tmp_path:
     manifest = ModelManifest.from_bytes(_manifest_bytes(root), source=vector["name"])
     assert manifest.flavour == vector["flavour"]
     store = Store.open(root, create=False)
-    report = store.verify(vector["reference"])
+    report = verify_store(store, vector["reference"])
     assert report.ok, report.problems
     assert report.blobs == len(manifest.blobs)
     from imgpack.packager.export import export_model
@@ -277,24 +274,23 @@ def test_invalid_vectors_are_refused_by_store_and_pull_checks(vector: dict, tmp_
         with pytest.raises(ImgpackError, match="no oci-layout file"):
             Store.open(root, create=False)
         return
-    if name in NOT_REFUSED_BY_STORE:
-        pytest.xfail(NOT_REFUSED_BY_STORE[name])
     if name in MANIFEST_REFUSES:  # what pull checks before fetching a single blob
         with pytest.raises(ImgpackError) as info:
             ModelManifest.from_bytes(_manifest_bytes(root), source=name)
         assert MANIFEST_REFUSES[name] in str(info.value)
-    report = Store.open(root, create=False).verify(vector["reference"])
+    report = verify_store(Store.open(root, create=False), vector["reference"])
     assert not report.ok
     assert any(VERIFY_REFUSES[name] in p for p in report.problems), report.problems
 
 
-@pytest.mark.parametrize("name", sorted(NOT_REFUSED_BY_STORE))
-def test_known_reader_gaps_are_still_gaps(name: str, tmp_path: Path) -> None:
-    """Strict: when Store.verify starts refusing one of these, this fails and the gap list must shrink."""
-    vector = next(v for v in INVALID if v["name"] == name)
-    root = copy_vector(vector, tmp_path)
-    report = Store.open(root, create=False).verify(vector["reference"])
-    assert report.ok, f"Store.verify now refuses {name}: move it out of NOT_REFUSED_BY_STORE"
+@pytest.mark.parametrize("vector", [v for v in INVALID if v["name"] != "LAY-001-missing-oci-layout"],
+                         ids=lambda v: v["name"])
+def test_verify_reports_each_invalid_vector_under_its_check_id(vector: dict, tmp_path: Path) -> None:
+    """verify runs the conformance checks: every invalid vector fails with exactly the check it is named after."""
+    report = verify_store(Store.open(copy_vector(vector, tmp_path), create=False), vector["reference"])
+    assert not report.ok
+    assert report.failed == {vector["reference"]: [vector["check"]]}, report.problems
+    assert all(p.endswith(f"({vector['check']})") for p in report.problems)
 
 
 def test_export_refuses_header_layer_mismatch(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import requests
 from fixtures_registry import RegistryServer, needs_registry, open_registry  # noqa: F401 - fixture
 
-from imgpack.cli.conformance_commands import run_target
 from imgpack.conformance.catalog import REGISTRY_CHECKS
+from imgpack.conformance.suite import run_target
 from imgpack.packager.create import create_model
 from imgpack.store.store import Store
 

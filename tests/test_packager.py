@@ -17,12 +17,14 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from imgpack.conformance.verify import verify_store
 from imgpack.packager.create import create_model
 from imgpack.packager.export import export_model
 from imgpack.schemas import spec
 from imgpack.schemas.errors import ImgpackError, IntegrityError
+from imgpack.schemas.graph import Descriptor
 from imgpack.schemas.manifest import ModelManifest
-from imgpack.schemas.tensorblob import read_header
+from imgpack.schemas.safetensors import read_header, tensor_blob_problems
 from imgpack.schemas.validate import schema_errors
 from imgpack.store.store import Store
 
@@ -194,7 +196,7 @@ def test_recreate_unchanged_directory_reads_nothing(store: Store, model_copy) ->
     store.blob_path(victim.digest).unlink()
     repaired = create_model(store, "m", source)
     assert repaired.new_blobs == 1
-    assert store.verify("m").ok
+    assert verify_store(store, "m").ok
 
 
 # -- bad input ----------------------------------------------------------------------------------------------
@@ -214,7 +216,7 @@ def assert_refused(store: Store, directory: Path, *fragments: str) -> None:
     for fragment in fragments:
         assert fragment in message, message
     assert store_snapshot(store) == before
-    assert all(ref != "bad:1" for ref, _ in store.list())
+    assert all(ref != "bad:1" for ref, _ in store.references())
 
 
 @pytest.fixture
@@ -329,7 +331,7 @@ def test_manifest_refused_when_a_blob_is_missing(populated: Store) -> None:
     populated.blob_path(victim.digest).unlink()
     with pytest.raises(IntegrityError, match=victim.name):
         populated.put_manifest("other", manifest.raw)
-    assert "other:latest" not in dict(populated.list())
+    assert "other:latest" not in dict(populated.references())
 
 
 def test_manifest_with_unsafe_name_is_refused_on_read(populated: Store) -> None:
@@ -345,7 +347,7 @@ def test_verify_finds_a_flipped_byte(populated: Store, cli) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    report = populated.verify()
+    report = verify_store(populated)
     assert not report.ok and layer.name in report.problems[0] and "corrupt" in report.problems[0]
     result = cli("verify", store=populated.root)
     assert result.code == 6 and layer.name in result.err
@@ -354,7 +356,7 @@ def test_verify_finds_a_flipped_byte(populated: Store, cli) -> None:
 def test_tag_rm_prune(populated: Store, sharded_model: Path) -> None:
     create_model(populated, "other", sharded_model)
     populated.tag("good", "alias:v2")
-    assert dict(populated.list())["alias:v2"] == dict(populated.list())["good:latest"]
+    assert dict(populated.references())["alias:v2"] == dict(populated.references())["good:latest"]
     good_blobs = {b.digest for b in populated.get_manifest("good").blobs}
     other_blobs = {b.digest for b in populated.get_manifest("other").blobs}
     populated.remove("other")
@@ -363,7 +365,7 @@ def test_tag_rm_prune(populated: Store, sharded_model: Path) -> None:
     assert other_blobs - good_blobs and not (other_blobs - good_blobs) & remaining
     assert good_blobs <= remaining
     assert removed >= len(other_blobs - good_blobs) and freed > 0
-    assert populated.verify().ok
+    assert verify_store(populated).ok
 
 
 def _tag_many(root: str, prefix: str) -> None:
@@ -380,7 +382,7 @@ def test_concurrent_writers_lose_no_index_entries(populated: Store) -> None:
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
-    refs = dict(populated.list())
+    refs = dict(populated.references())
     assert all(f"{p}-{i}:latest" in refs for p in "abc" for i in range(15))
     assert len(refs) == 46
 
@@ -409,8 +411,9 @@ def test_tensor_header_reader_accepts_other_single_keys(tmp_path: Path) -> None:
     save_file({"decoder.weight": np.arange(6, dtype=np.float16).reshape(2, 3)}, str(path))
     with open(path, "rb") as f:
         header = read_header(f, path.stat().st_size)
-    assert (header.key, header.dtype, header.shape, header.nbytes) == ("decoder.weight", "F16", [2, 3], 12)
-    assert any("not 'data'" in d for d in header.deviations)
+    ((key, entry),) = header.entries.items()
+    assert (key, entry.dtype, entry.shape, entry.nbytes) == ("decoder.weight", "F16", [2, 3], 12)
+    assert any("not 'data'" in d for _, d in tensor_blob_problems(header, path.stat().st_size))
 
 
 # -- CLI ----------------------------------------------------------------------------------------------------
@@ -456,7 +459,7 @@ def test_skopeo_reads_the_store(store: Store, tiny_model: Path, tmp_path: Path) 
                    check=True, capture_output=True)
     copied = Store.open(out, create=False)
     assert copied.resolve("copied")[1] == manifest.digest
-    assert copied.verify("copied").ok
+    assert verify_store(copied, "copied").ok
 
 
 # -- save / load ----------------------------------------------------------------------------------------------
@@ -472,8 +475,8 @@ def test_save_load_round_trip_and_damage(cli, tmp_path: Path, tiny_model: Path, 
     loaded = cli("load", str(archive), store=other)
     assert loaded.code == 0, loaded.err
     target = Store.open(other)
-    assert dict(target.list()) == dict(source.list())
-    assert target.verify().ok
+    assert dict(target.references()) == dict(source.references())
+    assert verify_store(target).ok
     assert set(target.iter_blobs()) == set(source.iter_blobs())
     # Loading again adds nothing; a truncated archive adds no manifest and no corrupt blob.
     again = cli("load", str(archive), store=other)
@@ -484,7 +487,7 @@ def test_save_load_round_trip_and_damage(cli, tmp_path: Path, tiny_model: Path, 
     failed = cli("load", str(cut), store=third)
     assert failed.code == 6 and "cut.tar.zst" in failed.err
     partial = Store.open(third)
-    assert partial.list() == []
+    assert partial.references() == []
     for digest in partial.iter_blobs():
         assert "sha256:" + hashlib.sha256(partial.blob_path(digest).read_bytes()).hexdigest() == digest
     assert os.listdir(partial.ingest_dir) == []
@@ -498,7 +501,7 @@ def test_save_load_round_trip_and_damage(cli, tmp_path: Path, tiny_model: Path, 
             tarfile.open(fileobj=zst, mode="r|") as tar:
         tar.extractall(unpacked, filter="data")
     layout = Store.open(unpacked, create=False)
-    assert layout.verify("tiny:v1").ok
+    assert verify_store(layout, "tiny:v1").ok
 
 
 def test_digest_references_are_pinned_not_tagged(store: Store, tiny_model: Path) -> None:
@@ -507,11 +510,11 @@ def test_digest_references_are_pinned_not_tagged(store: Store, tiny_model: Path)
     store.remove("tiny:v1")
     pinned = f"example.com/tiny@{digest}"
     store.put_manifest(pinned, raw)
-    assert dict(store.list()) == {pinned: digest}  # no ":latest" tag was invented
+    assert dict(store.references()) == {pinned: digest}  # no ":latest" tag was invented
     store.prune()
-    assert store.verify(pinned).ok  # prune kept what the pin needs
+    assert verify_store(store, pinned).ok  # prune kept what the pin needs
     store.remove(pinned)
-    assert store.list() == []
+    assert store.references() == []
     removed, _ = store.prune()
     assert removed > 300 and list(store.iter_blobs()) == []
 
@@ -535,7 +538,7 @@ def test_prune_keeps_blobs_of_foreign_oci_images(populated: Store) -> None:
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer[0], "size": layer[1]}],
     }).encode()
     digest, size = populated.put_bytes(image)
-    populated.set_ref_name("alpine", digest, spec.OCI_MANIFEST, size)
+    populated.set_entry("alpine", Descriptor(spec.OCI_MANIFEST, digest, size))
     populated.prune()
     assert populated.has_blob(config[0]) and populated.has_blob(layer[0]) and populated.has_blob(digest)
-    assert populated.verify("good").ok
+    assert verify_store(populated, "good").ok

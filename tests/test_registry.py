@@ -9,10 +9,11 @@ import pytest
 import requests
 from fixtures_registry import FaultProxy, needs_registry
 
+from imgpack.conformance.verify import verify_store
 from imgpack.registry.blobsources import BlobSources
-from imgpack.registry.copy import copy_model
-from imgpack.registry.endpoints import Clients
-from imgpack.registry.local import LocalLayout
+from imgpack.registry.layout import LayoutTarget as LocalLayout
+from imgpack.registry.locations import Clients
+from imgpack.registry.model import copy_model
 from imgpack.registry.remote import UploadPolicy
 from imgpack.schemas import spec
 from imgpack.schemas.digest import sha256_bytes
@@ -56,9 +57,9 @@ def test_push_then_pull_tiny_model_byte_exact(cli, store, tiny_model, open_regis
     result = cli("pull", dest, store=other)
     assert result.code == 0, result.err
     pulled = Store.open(other)
-    assert pulled.list() == [(dest, local.digest)]
+    assert pulled.references() == [(dest, local.digest)]
     assert pulled.read_blob(local.digest) == local.raw
-    report = pulled.verify()
+    report = verify_store(pulled)
     assert report.ok and report.blobs == len({b.digest for b in local.blobs})
     assert not list(pulled.ingest_dir.iterdir())  # no partial or temp file left behind
 
@@ -100,7 +101,7 @@ def test_pull_of_model_sharing_components_fetches_only_new_blobs(cli, store, mak
     done = json.loads(result.out.splitlines()[-1])
     assert done["bytes_moved"] == sum(new.values())
     assert done["transferred"] == len(new)
-    assert Store.open(other).verify().ok
+    assert verify_store(Store.open(other)).ok
 
 
 def test_push_to_second_repository_mounts_known_blobs(cli, store, make_model, open_registry):
@@ -146,7 +147,7 @@ def test_copy_between_repositories_and_to_oci_layout(cli, store, make_model, ope
     assert [(m["digest"], m["annotations"][spec.REF_NAME_ANNOTATION]) for m in index["manifests"]] == [
         (manifest.digest, "v2")
     ]
-    assert Store.open(layout).verify().ok
+    assert verify_store(Store.open(layout)).ok
     # And back from the layout into a fresh store under a local name.
     other = tmp_path / "from-layout"
     assert cli("copy", f"oci:{layout}:v2", "restored:v2", store=other).code == 0
@@ -213,7 +214,7 @@ def test_invalid_remote_manifest_is_refused_before_any_blob(cli, open_registry, 
         assert not [r for r in proxy.log if "/blobs/" in r.path]
     finally:
         proxy.stop()
-    assert Store.open(tmp_path / "s").list() == []
+    assert Store.open(tmp_path / "s").references() == []
 
 
 def _push_with_policy(store: Store, host: str, repo: str, policy: UploadPolicy) -> None:
@@ -283,7 +284,7 @@ def test_ollama_flavour_round_trips_byte_exactly(cli, store, make_model, open_re
     assert pulled.get_manifest(dest).raw == manifest.raw
     for blob in manifest.blobs:
         assert Path(pulled.blob_path(blob.digest)).read_bytes() == Path(store.blob_path(blob.digest)).read_bytes()
-    assert pulled.verify().ok
+    assert verify_store(pulled).ok
 
 
 def test_push_store_entry_named_after_its_registry(cli, store, make_model, open_registry, tmp_path):
@@ -309,6 +310,6 @@ def test_pull_by_digest_is_pinned_and_survives_prune(cli, store, make_model, ope
     by_digest = f"{open_registry.host}/pinme@{digest}"
     assert cli("pull", by_digest, store=other).code == 0
     pulled = Store.open(other)
-    assert dict(pulled.list()) == {by_digest: digest}  # pinned, not tagged :latest
+    assert dict(pulled.references()) == {by_digest: digest}  # pinned, not tagged :latest
     assert cli("prune", store=other).code == 0
-    assert pulled.verify(by_digest).ok
+    assert verify_store(pulled, by_digest).ok

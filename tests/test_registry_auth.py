@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from fixtures_registry import PASSWORD, USER, needs_registry
 
+from imgpack.conformance.verify import verify_store
 from imgpack.registry import credentials
 from imgpack.registry.transport import RegistryClient, TransportOptions
 from imgpack.schemas.errors import AuthError
@@ -50,7 +51,7 @@ def test_htpasswd_login_push_pull_logout(cli, store, make_model, htpasswd_regist
     assert pushed.code == 0, pushed.err
     pulled = cli("pull", f"{host}/basic:1", store=tmp_path / "other")
     assert pulled.code == 0, pulled.err
-    assert Store.open(tmp_path / "other").verify().ok
+    assert verify_store(Store.open(tmp_path / "other")).ok
     assert PASSWORD not in pushed.out + pushed.err + pulled.out + pulled.err
 
     assert cli("logout", host).code == 0
@@ -121,7 +122,7 @@ def test_token_auth_push_pull_caches_tokens(
 
     result = cli("pull", f"{host}/tokened/zimage:tiny", store=tmp_path / "pulled")
     assert result.code == 0, result.err
-    assert Store.open(tmp_path / "pulled").verify().ok
+    assert verify_store(Store.open(tmp_path / "pulled")).ok
     assert cli("logout", host).code == 0
     anonymous = cli("pull", f"{host}/tokened/zimage:tiny", store=tmp_path / "anon")
     assert anonymous.code == 3 and "denied" in anonymous.err

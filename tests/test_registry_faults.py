@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from fixtures_registry import PASSWORD, USER, FaultProxy, basic_header, needs_registry
 
-from imgpack.registry.copy import copy_model
-from imgpack.registry.endpoints import Clients
-from imgpack.registry.local import LocalLayout
+from imgpack.conformance.verify import verify_store
+from imgpack.registry.layout import LayoutTarget as LocalLayout
+from imgpack.registry.locations import Clients
+from imgpack.registry.model import copy_model
 from imgpack.registry.transport import TransportOptions
 from imgpack.schemas.errors import IntegrityError
 from imgpack.store.store import Store
@@ -47,7 +48,7 @@ def test_pull_recovers_from_fault(cli, pushed, fault_proxy, tmp_path, kind, arg)
     assert fault.hits == 2
     store = Store.open(tmp_path / "s")
     assert store.resolve(f"{fault_proxy.host}/faults:1")[1] == pushed.digest
-    report = store.verify()
+    report = verify_store(store)
     assert report.ok, report.problems
     assert not list(store.ingest_dir.iterdir())
     if kind in ("reset", "truncate"):
@@ -69,7 +70,7 @@ def test_stalled_stream_is_detected_and_resumed(store, pushed, fault_proxy, tmp_
         clients.close()
     assert fault.hits == 1
     assert time.monotonic() - started < 20.0  # gave up on the stall (1 s read timeout), did not wait it out
-    assert target.verify().ok
+    assert verify_store(target).ok
 
 
 def test_persistent_corruption_fails_cleanly(cli, pushed, fault_proxy, tmp_path):
@@ -80,7 +81,7 @@ def test_persistent_corruption_fails_cleanly(cli, pushed, fault_proxy, tmp_path)
     assert victim.name in result.err and "manifest was not written" in result.err
     store = Store.open(tmp_path / "s")
     assert not store.has_blob(victim.digest)
-    assert store.list() == []
+    assert store.references() == []
     assert not store.partial_path(victim.digest).exists()
     # Everything else arrived and a clean rerun only fetches the missing blob.
     fault_proxy.faults.clear()
@@ -88,7 +89,7 @@ def test_persistent_corruption_fails_cleanly(cli, pushed, fault_proxy, tmp_path)
     assert pull_through(cli, fault_proxy, tmp_path / "s").code == 0
     blob_gets = [r for r in fault_proxy.log if r.method == "GET" and "/blobs/" in r.path]
     assert [r.path.rsplit("/", 1)[1] for r in blob_gets] == [victim.digest]
-    assert store.verify().ok
+    assert verify_store(store).ok
 
 
 def test_push_recovers_from_faults(cli, store, make_model, fault_proxy, open_registry):
@@ -104,14 +105,14 @@ def test_push_recovers_from_faults(cli, store, make_model, fault_proxy, open_reg
     other = Store.open(Path(store.root).parent / "verify-pushfault")
     assert cli("pull", f"{open_registry.host}/pushfault:1", store=other.root).code == 0
     assert other.get_manifest(f"{open_registry.host}/pushfault:1").raw == manifest.raw
-    assert other.verify().ok
+    assert verify_store(other).ok
 
 
 def test_persistent_server_errors_give_transfer_exit_code(cli, pushed, fault_proxy, tmp_path):
     fault_proxy.add("GET", BLOB_GET, "status", times=1000, arg=500)
     result = pull_through(cli, fault_proxy, tmp_path / "s")
     assert result.code == 5
-    assert Store.open(tmp_path / "s").list() == []
+    assert Store.open(tmp_path / "s").references() == []
 
 
 def test_redirect_to_storage_drops_registry_credentials(
@@ -132,7 +133,7 @@ def test_redirect_to_storage_drops_registry_credentials(
         assert all(r.host.startswith("localhost:") for r in storage)
         assert not [r for r in storage if "Authorization" in r.headers]
         assert all(r.headers.get("Authorization", "").startswith("Basic ") for r in registry)
-        assert Store.open(tmp_path / "s").verify().ok
+        assert verify_store(Store.open(tmp_path / "s")).ok
     finally:
         proxy.stop()
 
@@ -161,7 +162,7 @@ def test_pull_killed_with_sigkill_resumes(store, make_model, open_registry, faul
             proc.kill()
             proc.wait(timeout=10)
     assert proc.returncode == -signal.SIGKILL
-    assert Store.open(target).list() == []  # killed before the manifest: nothing indexed
+    assert Store.open(target).references() == []  # killed before the manifest: nothing indexed
     fault_proxy.faults.clear()
     fault_proxy.log.clear()
     rerun = subprocess.run([*command, "pull", f"{fault_proxy.host}/kill:1"], env=env, timeout=120)
@@ -201,7 +202,7 @@ def test_ctrl_c_stops_quickly_and_keeps_partials(store, make_model, open_registr
     assert "interrupted" in err
     kept = sum(p.stat().st_size for p in ingest.glob("*.partial"))
     assert kept > 100_000
-    assert Store.open(target).list() == []
+    assert Store.open(target).references() == []
     fault_proxy.faults.clear()
     assert cli("pull", f"{fault_proxy.host}/sigint:1", store=target).code == 0
-    assert Store.open(target).verify().ok
+    assert verify_store(Store.open(target)).ok

@@ -15,11 +15,12 @@ import pytest
 from imgpack.registry import credentials
 from imgpack.registry.blobsources import BlobSources
 from imgpack.registry.challenge import parse_challenges
-from imgpack.registry.endpoints import split_layout
 from imgpack.registry.remote import UploadPolicy
+from imgpack.registry.retry import RetryPolicy
 from imgpack.registry.target import ChunkReader
 from imgpack.registry.transport import Authorizer, RegistryClient, TransportOptions, is_loopback, parse_retry_after
 from imgpack.schemas.errors import AuthError, ImgpackError
+from imgpack.schemas.locations import split_layout
 
 pytestmark = pytest.mark.usefixtures("isolated_credentials")
 
@@ -65,7 +66,7 @@ def test_loopback_detection():
 
 
 def test_backoff_is_bounded_and_jittered():
-    options = TransportOptions(backoff_base=0.5, backoff_max=4.0)
+    options = RetryPolicy(backoff_base=0.5, backoff_max=4.0)
     values = [options.backoff(attempt) for attempt in range(10) for _ in range(20)]
     assert all(0 <= v <= 4.0 for v in values)
     assert len(set(values)) > 100

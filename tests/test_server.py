@@ -297,7 +297,7 @@ def test_model_that_does_not_fit_is_refused_with_503_before_loading(start_server
 
     monkeypatch.setattr(backend, "available_memory", lambda: 1024)
     srv = start_server()
-    model = server_store.list()[0][0]
+    model = server_store.references()[0][0]
     r = requests.post(f"{srv.url}/v1/images/generations", json={"model": model, "prompt": "a fox", "size": "64x64"},
                       timeout=60)
     assert r.status_code == 503

@@ -12,7 +12,7 @@ import pytest
 from imgpack.schemas import spec
 from imgpack.schemas.errors import UsageError
 from imgpack.schemas.reference import Reference
-from imgpack.schemas.tensorblob import DTYPE_SIZES, encode_header
+from imgpack.schemas.safetensors import DTYPE_SIZES, encode_header
 from imgpack.schemas.validate import schema, schema_errors
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"

@@ -16,7 +16,7 @@ from typing import Any
 from imgpack.runtime.backend import mx, nn
 from imgpack.schemas.errors import ImgpackError, IntegrityError, NotFoundError
 from imgpack.schemas.manifest import Layer, ModelManifest
-from imgpack.schemas.tensorblob import DTYPE_SIZES
+from imgpack.schemas.safetensors import DTYPE_SIZES
 from imgpack.store.store import Store
 
 #: Maps a manifest tensor key to the model's parameter path, or None for a tensor the runtime ignores.
