@@ -137,8 +137,11 @@ def iter_sse(lines: Any) -> Any:
 
 
 def _message(response: Any) -> str:
+    """The error message of an OpenAI-shaped (``{"error": {"message"}}``) or ollama-shaped (``{"error": "..."}``)
+    answer."""
     try:
-        return response.json()["error"]["message"]
+        error = response.json()["error"]
+        return error if isinstance(error, str) else error["message"]
     except (ValueError, KeyError, TypeError):
         return f"HTTP {response.status_code}: {response.text[:200]}"
 
@@ -186,7 +189,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
         state = f"busy {running['step']}/{running['total']}" if running else m["state"]
         until = "forever" if m.get("keep_alive") is None else (
             f"{m['expires_in']:.0f}s" if m.get("expires_in") is not None else "after queue")
-        rows.append((m["name"], m["digest"][7:19], ui.human_bytes(m["size"]), state, str(m["queued"]), until))
+        rows.append((m["name"], m["digest"].removeprefix("sha256:")[:12], ui.human_bytes(m["size"]), state, str(m["queued"]), until))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
