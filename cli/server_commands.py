@@ -21,14 +21,14 @@ API_KEY_ENV = "IMGPACK_API_KEY"
 
 
 def default_host() -> str:
-    from imgpack.server.http import DEFAULT_HOST, DEFAULT_PORT
+    from imgpack.server.api import DEFAULT_HOST, DEFAULT_PORT
 
     return os.environ.get(HOST_ENV) or f"{DEFAULT_HOST}:{DEFAULT_PORT}"
 
 
 def server_url(host: str) -> str:
     """``host``, ``host:port`` or ``http(s)://host[:port]`` -> a base URL (default port for a bare host)."""
-    from imgpack.server.http import DEFAULT_PORT
+    from imgpack.server.api import DEFAULT_PORT
 
     text = host.strip().rstrip("/")
     if not text:
@@ -48,7 +48,7 @@ def split_listen(host: str, port: int | None) -> tuple[str, int]:
     """``serve --host``: a bare host, ``host:port`` or a URL; ``--port`` wins over a port in the host."""
     from urllib.parse import urlsplit
 
-    from imgpack.server.http import DEFAULT_PORT
+    from imgpack.server.api import DEFAULT_PORT
 
     parts = urlsplit(server_url(host))
     if parts.hostname is None:
@@ -189,7 +189,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
         state = f"busy {running['step']}/{running['total']}" if running else m["state"]
         until = "forever" if m.get("keep_alive") is None else (
             f"{m['expires_in']:.0f}s" if m.get("expires_in") is not None else "after queue")
-        rows.append((m["name"], m["digest"].removeprefix("sha256:")[:12], ui.human_bytes(m["size"]), state, str(m["queued"]), until))
+        digest = m["digest"].removeprefix("sha256:")[:12]
+        rows.append((m["name"], digest, ui.human_bytes(m["size"]), state, str(m["queued"]), until))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -15,6 +15,8 @@ from typing import Any
 from imgpack.schemas.errors import UsageError
 from imgpack.schemas.reference import Reference
 
+DEFAULT_HOST = "127.0.0.1"  # loopback unless told otherwise
+DEFAULT_PORT = 8420
 DEFAULT_SIZE = "1024x1024"
 DEFAULT_STEPS = 8  # Z-Image-Turbo's distilled step count (the pipeline's default too)
 MAX_SIDE = 2048

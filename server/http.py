@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from imgpack.server import ollama_api, openai_api
-from imgpack.server.api import DEFAULT_KEEP_ALIVE, ApiError
+from imgpack.server.api import DEFAULT_HOST, DEFAULT_KEEP_ALIVE, DEFAULT_PORT, ApiError
 from imgpack.server.guard import WebPolicy, cors_headers, is_loopback, parse_json_body, split_host
 from imgpack.server.jobs import DEFAULT_MAX_QUEUE, ModelManager, default_loader
 from imgpack.server.openai_api import ImageFiles
@@ -36,8 +36,6 @@ from imgpack.store.store import Store
 
 log = logging.getLogger("imgpack.server")
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8420
 MAX_BODY = 1024 * 1024
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ImageServer", "is_loopback", "serve"]

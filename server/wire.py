@@ -47,6 +47,8 @@ IDLE_TIMEOUT = 75.0  # a keep-alive connection with no request in flight
 WRITE_TIMEOUT = 60.0  # one blocked send to a client that stopped reading
 LINGER_SECONDS = 2.0  # how long, and how many bytes, a refused body is drained before closing
 LINGER_BYTES = 16 * 1024 * 1024
+DISCARD_BYTES = 16 * 1024 * 1024  # a body over the limit but under this is read and dropped: the 413 keeps the
+# connection; a larger one is answered at once and the connection closed
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_WORKERS = 32
 DEFAULT_MAX_CONNECTIONS = 1024
@@ -85,6 +87,8 @@ class Conn:
     deadline: float = 0.0
     request: h11.Request | None = None
     body: bytearray = field(default_factory=bytearray)
+    oversize: bool = False  # the body is over the limit: read and dropped, then answered 413
+    discarded: int = 0
     lingered: int = 0
 
     def close(self) -> None:
@@ -239,6 +243,7 @@ class HttpServer:
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
+        self.accepted = 0  # connections accepted so far (tests use it to see a connection being reused)
 
     # -- to be provided --------------------------------------------------------------------------------
 
@@ -344,6 +349,7 @@ class HttpServer:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Conn(sock, peer, sock.fileno(), deadline=time.monotonic() + self.header_timeout)
+            self.accepted += 1
             if len(self._conns) >= self.max_connections:
                 self._refuse(conn, 503, "too many open connections; retry", "server_busy")
                 continue
@@ -378,7 +384,7 @@ class HttpServer:
             if self._conns.get(conn.fd) is conn:
                 del self._conns[conn.fd]
             return
-        conn.phase, conn.request, conn.body = "idle", None, bytearray()
+        conn.phase, conn.request, conn.body, conn.oversize, conn.discarded = "idle", None, bytearray(), False, 0
         conn.deadline = time.monotonic() + self.idle_timeout
         try:
             conn.sock.setblocking(False)
@@ -408,12 +414,20 @@ class HttpServer:
             if isinstance(event, h11.Request):
                 self._headers_done(conn, event)
             elif isinstance(event, h11.Data):
-                conn.body += event.data
-                if len(conn.body) > self.max_body:
-                    self._refuse(conn, 413, f"the request body is over the {self.max_body}-byte limit",
-                                 "request_too_large")
+                if not conn.oversize and len(conn.body) + len(event.data) > self.max_body:
+                    conn.oversize, conn.discarded, conn.body = True, len(conn.body), bytearray()
+                if conn.oversize:
+                    conn.discarded += len(event.data)
+                    if conn.discarded > DISCARD_BYTES:
+                        self._refuse(conn, 413, f"the request body is over the {self.max_body}-byte limit",
+                                     "request_too_large", path=_path(conn.request))
+                else:
+                    conn.body += event.data
             elif isinstance(event, h11.EndOfMessage):
-                self._dispatch(conn)
+                if conn.oversize:
+                    self._too_large(conn)
+                else:
+                    self._dispatch(conn)
             elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 self._close(conn)
 
@@ -437,13 +451,35 @@ class HttpServer:
     def _headers_done(self, conn: Conn, request: h11.Request) -> None:
         conn.request = request
         conn.phase, conn.deadline = "body", time.monotonic() + self.body_timeout
+        names = [k for k, _ in request.headers]
+        if b"transfer-encoding" in names and b"content-length" in names:
+            self._refuse(conn, 400, "the request has both Transfer-Encoding and Content-Length", "invalid_header")
+            return
         length = next((v for k, v in request.headers if k == b"content-length"), None)
         if length is not None and int(length) > self.max_body:
-            self._refuse(conn, 413, f"the request body is {int(length)} bytes, over the {self.max_body}-byte limit",
-                         "request_too_large", path=_path(request))
-            return
+            if int(length) > DISCARD_BYTES or conn.parser.they_are_waiting_for_100_continue:
+                self._refuse(conn, 413, f"the request body is {int(length)} bytes, over the {self.max_body}-byte"
+                             " limit", "request_too_large", path=_path(request))
+                return
+            conn.oversize = True
         if conn.parser.they_are_waiting_for_100_continue:
             self._send_now(conn, conn.parser.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
+
+    def _too_large(self, conn: Conn) -> None:
+        """Answer 413 to a body that was read and dropped; the connection stays usable."""
+        body, content_type = self.refusal(413, f"the request body is over the {self.max_body}-byte limit",
+                                          "request_too_large", _path(conn.request))
+        parser = conn.parser
+        headers = [(b"Content-Type", content_type.encode()), (b"Content-Length", str(len(body)).encode()),
+                   (b"Server", b"imgpack")]
+        data = parser.send(h11.Response(status_code=413, headers=headers, reason=REASONS[413])) or b""
+        data += (parser.send(h11.Data(data=body)) or b"") + (parser.send(h11.EndOfMessage()) or b"")
+        if not self._send_now(conn, data) or parser.our_state is not h11.DONE or parser.their_state is not h11.DONE:
+            self._close(conn)
+            return
+        parser.start_next_cycle()
+        conn.phase, conn.request, conn.body, conn.oversize, conn.discarded = "idle", None, bytearray(), False, 0
+        conn.deadline = time.monotonic() + self.idle_timeout
 
     def _dispatch(self, conn: Conn) -> None:
         assert conn.request is not None
@@ -479,10 +515,13 @@ class HttpServer:
         conn.phase, conn.lingered = "linger", 0
         conn.deadline = time.monotonic() + LINGER_SECONDS
 
-    def _send_now(self, conn: Conn, data: bytes) -> None:
-        """A small write from the reactor: it fits the socket buffer; whatever does not is dropped, never waited for."""
-        with contextlib.suppress(OSError):
-            conn.sock.send(data)
+    def _send_now(self, conn: Conn, data: bytes) -> bool:
+        """A small write from the reactor: it fits the socket buffer; whatever does not is dropped, never waited for.
+        True if all of it went out."""
+        try:
+            return conn.sock.send(data) == len(data)
+        except OSError:
+            return False
 
     def _close(self, conn: Conn) -> None:
         if conn.phase != "closed":
