@@ -173,7 +173,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-queue: {args.max_queue} must be at least 1")
     store = Store.open(args.store)
     return serve(store, host, port, api_key=args.api_key or os.environ.get(API_KEY_ENV), keep_alive=keep_alive,
-                 max_queue=args.max_queue, quiet=getattr(args, "quiet", False))
+                 max_queue=args.max_queue, allowed_hosts=tuple(args.allowed_host),
+                 allowed_origins=tuple(args.allowed_origin), quiet=getattr(args, "quiet", False))
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -254,6 +255,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="how long an idle model stays loaded, e.g. 30s, 5m, 1h; negative = forever (default 5m)")
     p.add_argument("--max-queue", type=int, default=16, metavar="N",
                    help="queued requests per model before answering 503 (default 16)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host is NAME (repeatable; '*' = any). By default only loopback"
+                        " names and the bound address are answered, which stops DNS-rebinding pages")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API, with CORS"
+                        " (repeatable; '*' = any). By default only the server's own page may")
     p.set_defaults(func=cmd_serve)
 
     p = subparsers.add_parser("ps", help="list the models a running server has loaded")

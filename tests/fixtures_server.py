@@ -115,7 +115,7 @@ def start_server(server_store) -> Iterator[Callable[..., ServerHandle]]:
 
     started: list[tuple[Any, threading.Thread]] = []
 
-    def start(fail_at: int | None = None, **options: Any) -> ServerHandle:
+    def start(fail_at: int | None = None, store: Any = None, **options: Any) -> ServerHandle:
         handle: ServerHandle
 
         def loader(store: Any, name: str, *plan: int) -> Any:
@@ -125,7 +125,7 @@ def start_server(server_store) -> Iterator[Callable[..., ServerHandle]]:
             handle.loaded.append(weakref.ref(model))
             return model
 
-        server = ImageServer(("127.0.0.1", 0), server_store, quiet=True, loader=loader, **options)
+        server = ImageServer(("127.0.0.1", 0), store or server_store, quiet=True, loader=loader, **options)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
         started.append((server, thread))
