@@ -11,6 +11,7 @@ import argparse
 import base64
 import json
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -225,14 +226,17 @@ def run_remote(args: argparse.Namespace) -> int:
             print(f"Generating: step {step}/{total}", flush=True)
 
     client = ServerClient(args.host, os.environ.get(API_KEY_ENV))
+    started = time.monotonic()
     result = client.generate(body, progress)
+    seconds = time.monotonic() - started
     try:
         png = base64.b64decode(result["data"][0]["b64_json"], validate=True)
     except (KeyError, IndexError, TypeError, ValueError) as e:
         raise ImgpackError(f"server: the response holds no image ({e})") from None
     write_atomic(output, png)
     if not quiet:
-        print(f"Saved {output}")
+        used = result["data"][0].get("seed", seed)
+        print(f"Saved {output} (seed {used}, generated in {seconds:.1f}s on {client.url})")
     if args.open:
         from imgpack.cli.runtime_commands import open_image
 
@@ -269,7 +273,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_ps)
 
     p = subparsers.add_parser("stop", help="unload a model from a running server")
-    p.add_argument("model", metavar="MODEL")
+    p.add_argument("model", metavar="MODEL", help="a loaded model's name or digest (see 'imgpack ps')")
     _client_options(p)
     p.set_defaults(func=cmd_stop)
 
