@@ -11,6 +11,7 @@ import argparse
 import base64
 import json
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,14 +22,14 @@ API_KEY_ENV = "IMGPACK_API_KEY"
 
 
 def default_host() -> str:
-    from imgpack.server.http import DEFAULT_HOST, DEFAULT_PORT
+    from imgpack.server.api import DEFAULT_HOST, DEFAULT_PORT
 
     return os.environ.get(HOST_ENV) or f"{DEFAULT_HOST}:{DEFAULT_PORT}"
 
 
 def server_url(host: str) -> str:
     """``host``, ``host:port`` or ``http(s)://host[:port]`` -> a base URL (default port for a bare host)."""
-    from imgpack.server.http import DEFAULT_PORT
+    from imgpack.server.api import DEFAULT_PORT
 
     text = host.strip().rstrip("/")
     if not text:
@@ -48,7 +49,7 @@ def split_listen(host: str, port: int | None) -> tuple[str, int]:
     """``serve --host``: a bare host, ``host:port`` or a URL; ``--port`` wins over a port in the host."""
     from urllib.parse import urlsplit
 
-    from imgpack.server.http import DEFAULT_PORT
+    from imgpack.server.api import DEFAULT_PORT
 
     parts = urlsplit(server_url(host))
     if parts.hostname is None:
@@ -137,8 +138,11 @@ def iter_sse(lines: Any) -> Any:
 
 
 def _message(response: Any) -> str:
+    """The error message of an OpenAI-shaped (``{"error": {"message"}}``) or ollama-shaped (``{"error": "..."}``)
+    answer."""
     try:
-        return response.json()["error"]["message"]
+        error = response.json()["error"]
+        return error if isinstance(error, str) else error["message"]
     except (ValueError, KeyError, TypeError):
         return f"HTTP {response.status_code}: {response.text[:200]}"
 
@@ -170,7 +174,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-queue: {args.max_queue} must be at least 1")
     store = Store.open(args.store)
     return serve(store, host, port, api_key=args.api_key or os.environ.get(API_KEY_ENV), keep_alive=keep_alive,
-                 max_queue=args.max_queue, quiet=getattr(args, "quiet", False))
+                 max_queue=args.max_queue, allowed_hosts=tuple(args.allowed_host),
+                 allowed_origins=tuple(args.allowed_origin), quiet=getattr(args, "quiet", False))
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -186,7 +191,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
         state = f"busy {running['step']}/{running['total']}" if running else m["state"]
         until = "forever" if m.get("keep_alive") is None else (
             f"{m['expires_in']:.0f}s" if m.get("expires_in") is not None else "after queue")
-        rows.append((m["name"], m["digest"][7:19], ui.human_bytes(m["size"]), state, str(m["queued"]), until))
+        digest = m["digest"].removeprefix("sha256:")[:12]
+        rows.append((m["name"], digest, ui.human_bytes(m["size"]), state, str(m["queued"]), until))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -220,14 +226,17 @@ def run_remote(args: argparse.Namespace) -> int:
             print(f"Generating: step {step}/{total}", flush=True)
 
     client = ServerClient(args.host, os.environ.get(API_KEY_ENV))
+    started = time.monotonic()
     result = client.generate(body, progress)
+    seconds = time.monotonic() - started
     try:
         png = base64.b64decode(result["data"][0]["b64_json"], validate=True)
     except (KeyError, IndexError, TypeError, ValueError) as e:
         raise ImgpackError(f"server: the response holds no image ({e})") from None
     write_atomic(output, png)
     if not quiet:
-        print(f"Saved {output}")
+        used = result["data"][0].get("seed", seed)
+        print(f"Saved {output} (seed {used}, generated in {seconds:.1f}s on {client.url})")
     if args.open:
         from imgpack.cli.runtime_commands import open_image
 
@@ -251,6 +260,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="how long an idle model stays loaded, e.g. 30s, 5m, 1h; negative = forever (default 5m)")
     p.add_argument("--max-queue", type=int, default=16, metavar="N",
                    help="queued requests per model before answering 503 (default 16)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host is NAME (repeatable; '*' = any). By default only loopback"
+                        " names and the bound address are answered, which stops DNS-rebinding pages")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API, with CORS"
+                        " (repeatable; '*' = any). By default only the server's own page may")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ps", parents=[common], help="list the models a running server has loaded",
@@ -260,6 +275,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
     p = sub.add_parser("stop", parents=[common], help="unload a model from a running server",
                        description="Unload a model from a running server.")
-    p.add_argument("model", metavar="MODEL", help="a loaded model's name (see imgpack ps)")
+    p.add_argument("model", metavar="MODEL", help="a loaded model's name or digest (see 'imgpack ps')")
     _client_options(p)
     p.set_defaults(func=cmd_stop)

@@ -155,13 +155,18 @@ def transfer(
         clients.close()
 
 
-def pull(store: Store, reference: str, *, settings: TransferSettings | None = None, reporter: Reporter | None = None,
-         cancel: threading.Event | None = None) -> CopyResult:
-    """Fetch a model from a registry into the store; by tag it is stored under that tag, by digest pinned."""
+def pulled_name(reference: str) -> str:
+    """The store name a pull gives: the reference with its tag, or (pulled by digest) the digest reference."""
     ref = Reference.parse(reference)
     if ref.registry is None:
         raise UsageError(f"pull: {reference!r} has no registry host (expected HOST[:PORT]/REPO[:TAG])")
-    local = str(Reference(ref.registry, ref.repository, ref.tag) if ref.tag else ref)
+    return str(Reference(ref.registry, ref.repository, ref.tag) if ref.tag else ref)
+
+
+def pull(store: Store, reference: str, *, settings: TransferSettings | None = None, reporter: Reporter | None = None,
+         cancel: threading.Event | None = None) -> CopyResult:
+    """Fetch a model from a registry into the store; by tag it is stored under that tag, by digest pinned."""
+    local = pulled_name(reference)
     return transfer(store, reference, None, local_name=local, settings=settings, reporter=reporter, cancel=cancel,
                     models_only=True)
 

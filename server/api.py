@@ -15,6 +15,8 @@ from typing import Any
 from imgpack.schemas.errors import UsageError
 from imgpack.schemas.reference import Reference
 
+DEFAULT_HOST = "127.0.0.1"  # loopback unless told otherwise
+DEFAULT_PORT = 8420
 DEFAULT_SIZE = "1024x1024"
 DEFAULT_STEPS = 8  # Z-Image-Turbo's distilled step count (the pipeline's default too)
 MAX_SIDE = 2048
@@ -31,8 +33,10 @@ FOREVER = math.inf
 IGNORED_FIELDS = frozenset({"user", "quality", "style", "moderation"})
 KNOWN_FIELDS = frozenset({
     "model", "prompt", "size", "n", "response_format", "stream", "seed", "steps", "negative_prompt", "guidance",
-    "keep_alive", "output_format",
+    "keep_alive", "output_format", "output_compression", "partial_images", "background",
 }) | IGNORED_FIELDS
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+MAX_PARTIAL_IMAGES = 3  # OpenAI's limit
 
 _SIZE = re.compile(r"^([0-9]{1,5})[xX]([0-9]{1,5})$")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
@@ -86,6 +90,21 @@ class ImageJobSpec:
     guidance: float = 0.0
     negative_prompt: str = ""
     keep_alive: float | None = None  # seconds; None = the server's default; inf = never unload
+    output_format: str = "png"
+    output_compression: int = 100
+    partial_images: int = 0
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    def preview_steps(self) -> tuple[int, ...]:
+        """The steps after which a partial image is sent: ``partial_images`` evenly spaced ones before the last
+        (fewer when there are not that many steps, as OpenAI allows)."""
+        if not self.partial_images or self.steps < 2:
+            return ()
+        k = self.partial_images
+        return tuple(sorted({min(self.steps - 1, max(1, round(self.steps * (i + 1) / (k + 1)))) for i in range(k)}))
 
 
 def parse_model(value: Any, field: str = "model") -> Reference:
@@ -182,8 +201,13 @@ def parse_generation(body: Any) -> ImageJobSpec:
     if response_format not in ("b64_json", "url"):
         raise bad("response_format", f"{response_format!r} is not one of 'b64_json', 'url'")
     output_format = _str(body, "output_format", "png")
-    if output_format != "png":
-        raise bad("output_format", f"{output_format!r} is not supported; only 'png' is")
+    if output_format not in OUTPUT_FORMATS:
+        raise bad("output_format", f"{output_format!r} is not one of {', '.join(map(repr, OUTPUT_FORMATS))}")
+    output_compression = _int(body, "output_compression", 100, 0, 100)
+    partial_images = _int(body, "partial_images", 0, 0, MAX_PARTIAL_IMAGES)
+    background = _str(body, "background", "auto")
+    if background not in ("auto", "opaque"):
+        raise bad("background", f"{background!r} is not supported; the models draw opaque images ('auto', 'opaque')")
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -203,8 +227,11 @@ def parse_generation(body: Any) -> ImageJobSpec:
     negative = _str(body, "negative_prompt", "")
     if len(negative) > MAX_PROMPT_CHARS:
         raise bad("negative_prompt", f"{len(negative)} characters is over the {MAX_PROMPT_CHARS} limit", "out_of_range")
+    if partial_images and n > 1:
+        raise bad("partial_images", "partial images are streamed for one image at a time; use n=1")
     return ImageJobSpec(
         model=body["model"], reference=reference, prompt=prompt, width=width, height=height, n=n,
         response_format=response_format, stream=stream, seed=seed, steps=steps, guidance=float(guidance),
-        negative_prompt=negative, keep_alive=parse_keep_alive(body.get("keep_alive")),
+        negative_prompt=negative, keep_alive=parse_keep_alive(body.get("keep_alive")), output_format=output_format,
+        output_compression=output_compression, partial_images=partial_images,
     )

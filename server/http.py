@@ -1,109 +1,83 @@
-"""``imgpack serve``: an OpenAI-compatible image API over the local store, on the standard library's HTTP server.
+"""``imgpack serve``: the store's models over OpenAI's image API, ollama's native API and a page at ``/``.
 
-Why ``ThreadingHTTPServer`` and not an ASGI stack: the work is a few long, CPU/GPU-bound jobs, not thousands of
-idle connections, so a thread per connection costs nothing that matters, and it adds no dependency to a tool whose
-runtime already pulls in MLX. It also makes the hard part simple: the thread that owns a connection can look at
-its socket between generation steps — a readable socket that returns EOF means the client hung up, and the job's
-cancel flag is set; for a stream, a failed write says the same.
+The connection layer is ``imgpack.server.wire`` (h11 driven by a reactor thread and a bounded worker pool; its
+docstring says why that and not ``http.server`` or uvicorn). This module routes complete requests: it checks the
+Host, Origin and API key (``guard``), finds the route, and renders errors in the shape of the API that was
+called — OpenAI's ``{"error": {message, type, param, code}}`` under ``/v1``, ollama's ``{"error": "message"}``
+under ``/api``.
 
-Routes: ``POST /v1/images/generations`` (JSON or ``stream: true`` server-sent events), ``GET /v1/models[/ID]``,
-``GET /v1/images/files/<token>.png`` (what ``response_format: "url"`` points at), ``GET /api/ps``,
-``POST /api/stop``.
+Routes: ``GET /`` (the page), ``POST /v1/images/generations``, ``GET /v1/models[/ID]``,
+``GET /v1/images/files/<name>``, and ollama's ``/api/generate``, ``/api/tags``, ``/api/show``, ``/api/ps``,
+``/api/version``, ``/api/pull``, ``/api/delete``, plus ``/api/stop``.
 """
 
 from __future__ import annotations
 
-import base64
-import collections
 import hmac
-import ipaddress
+import importlib.resources
 import json
 import logging
-import queue
-import re
-import secrets
-import select
 import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
-from imgpack.schemas import spec as oci_spec
-from imgpack.server.api import DEFAULT_KEEP_ALIVE, ApiError, parse_generation, parse_model
-from imgpack.server.jobs import (
-    CANCELLED,
-    DEFAULT_MAX_QUEUE,
-    DONE,
-    ERROR,
-    PROGRESS,
-    GeneratedImage,
-    Job,
-    ModelManager,
-    default_loader,
-)
+from imgpack.server import ollama_api, openai_api
+from imgpack.server.api import DEFAULT_HOST, DEFAULT_KEEP_ALIVE, DEFAULT_PORT, ApiError
+from imgpack.server.guard import WebPolicy, cors_headers, is_loopback, parse_json_body, split_host
+from imgpack.server.jobs import DEFAULT_MAX_QUEUE, ModelManager, default_loader
+from imgpack.server.openai_api import ImageFiles
+from imgpack.server.wire import DEFAULT_WORKERS, Exchange, HttpServer, printable
 from imgpack.store.store import Store
 
 log = logging.getLogger("imgpack.server")
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8420
 MAX_BODY = 1024 * 1024
-POLL_SECONDS = 0.05  # how often a waiting request thread checks its client's socket
-HEARTBEAT_SECONDS = 10.0  # SSE comment sent while a streamed job waits, so dead clients show up as failed writes
-LINGER_SECONDS = 2.0  # how long, and how many bytes, an unread refused body is drained before closing
-LINGER_BYTES = 16 * 1024 * 1024
-FILE_TTL = 3600.0
-FILE_BUDGET = 512 * 1024 * 1024
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{20,64}$")
-_HOST_HEADER = re.compile(r"^[A-Za-z0-9.\-]+(?::[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?$")
+
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ImageServer", "is_loopback", "serve"]
 
 
-class ImageFiles:
-    """PNGs served for ``response_format: "url"``: kept in memory only (never written to disk) under an
-    unguessable token, for an hour or until the byte budget pushes them out, oldest first."""
-
-    def __init__(self, ttl: float = FILE_TTL, budget: int = FILE_BUDGET) -> None:
-        self.ttl = ttl
-        self.budget = budget
-        self._lock = threading.Lock()
-        self._files: collections.OrderedDict[str, tuple[bytes, float]] = collections.OrderedDict()
-        self._bytes = 0
-
-    def put(self, png: bytes) -> str:
-        token = secrets.token_urlsafe(24)
-        with self._lock:
-            self._expire(time.time())
-            self._files[token] = (png, time.time() + self.ttl)
-            self._bytes += len(png)
-            while self._bytes > self.budget and len(self._files) > 1:
-                _, (old, _) = self._files.popitem(last=False)
-                self._bytes -= len(old)
-        return token
-
-    def get(self, token: str) -> bytes | None:
-        with self._lock:
-            self._expire(time.time())
-            item = self._files.get(token)
-        return item[0] if item else None
-
-    def _expire(self, now: float) -> None:
-        while self._files:
-            token, (png, expires) = next(iter(self._files.items()))
-            if expires > now:
-                break
-            del self._files[token]
-            self._bytes -= len(png)
+@dataclass(frozen=True)
+class Route:
+    handler: Callable[..., None]
+    family: str  # "openai" or "ollama": the shape of its errors
+    public: bool = False  # answered without the API key (the page; image files, whose unguessable name is the key)
 
 
-class ImageServer(ThreadingHTTPServer):
-    """The HTTP server: one thread per connection, a ``ModelManager`` for the models, ``ImageFiles`` for URLs."""
+ROUTES: dict[tuple[str, str], Route] = {
+    ("GET", "/"): Route(lambda server, ex: server.send_page(ex), "openai", public=True),
+    ("POST", "/v1/images/generations"): Route(openai_api.generations, "openai"),
+    ("GET", "/v1/models"): Route(openai_api.models, "openai"),
+    ("POST", "/api/generate"): Route(ollama_api.generate, "ollama"),
+    ("GET", "/api/tags"): Route(ollama_api.tags, "ollama"),
+    ("POST", "/api/show"): Route(ollama_api.show, "ollama"),
+    ("GET", "/api/ps"): Route(ollama_api.ps, "ollama"),
+    ("GET", "/api/version"): Route(ollama_api.version, "ollama"),
+    ("POST", "/api/pull"): Route(ollama_api.pull, "ollama"),
+    ("DELETE", "/api/delete"): Route(ollama_api.delete, "ollama"),
+    ("POST", "/api/stop"): Route(ollama_api.stop, "ollama"),
+}
+PREFIXES: dict[tuple[str, str], Route] = {  # routes that take the rest of the path as their argument
+    ("GET", "/v1/models/"): Route(lambda server, ex, rest: openai_api.get_model(server, ex, unquote(rest)), "openai"),
+    ("GET", "/v1/images/files/"): Route(lambda server, ex, rest: openai_api.get_file(server, ex, rest), "openai",
+                                        public=True),
+}
 
-    daemon_threads = True
-    allow_reuse_address = True
+
+def family_of(path: str) -> str:
+    return "ollama" if path.startswith("/api/") else "openai"
+
+
+def error_body(error: ApiError, family: str) -> dict[str, Any]:
+    return {"error": error.message} if family == "ollama" else error.body()
+
+
+class ImageServer(HttpServer):
+    """The HTTP server: a ``ModelManager`` for the models, ``ImageFiles`` for URLs, a ``WebPolicy`` for browsers."""
 
     def __init__(
         self,
@@ -116,21 +90,18 @@ class ImageServer(ThreadingHTTPServer):
         max_body: int = MAX_BODY,
         loader: Any = default_loader,
         quiet: bool = False,
+        allowed_hosts: tuple[str, ...] = (),
+        allowed_origins: tuple[str, ...] = (),
+        workers: int = DEFAULT_WORKERS,
+        **timeouts: float,
     ) -> None:
-        host = address[0]
-        if ":" in host:
-            self.address_family = socket.AF_INET6
+        super().__init__(address, max_body=max_body, workers=workers, **timeouts)
         self.store = store
         self.api_key = api_key or None
-        self.max_body = max_body
         self.quiet = quiet
+        self.policy = WebPolicy.create(address[0], allowed_hosts, allowed_origins)
         self.manager = ModelManager(store, keep_alive=keep_alive, max_queue=max_queue, loader=loader)
         self.files = ImageFiles()
-        super().__init__(address, Handler)
-
-    @property
-    def port(self) -> int:
-        return self.server_address[1]
 
     @property
     def url(self) -> str:
@@ -140,347 +111,99 @@ class ImageServer(ThreadingHTTPServer):
         return f"http://{_bracket(host)}:{self.port}"
 
     def base_url_for(self, host_header: str | None) -> str:
-        """Where URLs in responses point: the bound address, or for a wildcard bind the Host the client used."""
+        """Where URLs in responses point: the bound address, or for a wildcard bind the Host the client used
+        (already checked against the allowed hosts)."""
         bound = self.server_address[0]
         if bound not in ("0.0.0.0", "::", ""):
             return f"http://{_bracket(bound)}:{self.port}"
-        if host_header and _HOST_HEADER.match(host_header):
-            return f"http://{host_header}"
+        if host_header:
+            try:
+                split_host(host_header)
+                return f"http://{host_header}"
+            except ValueError:
+                pass
         return f"http://{socket.gethostname()}:{self.port}"
 
     def server_close(self) -> None:
         self.manager.close()
         super().server_close()
 
+    # -- answers ---------------------------------------------------------------------------------------
+
+    def send_json(self, ex: Exchange, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        ex.respond(status, json.dumps(body).encode(), "application/json", list((headers or {}).items()))
+
+    def send_error(self, ex: Exchange, error: ApiError) -> None:
+        self.send_json(ex, error.status, error_body(error, family_of(ex.request.path)), error.headers)
+
+    def refusal(self, status: int, message: str, code: str, path: str | None) -> tuple[bytes, str]:
+        body = error_body(ApiError(status, message, code=code), family_of(path or ""))
+        return json.dumps(body).encode(), "application/json"
+
+    def read_json(self, ex: Exchange) -> Any:
+        return parse_json_body(ex.request.body, ex.request.headers.get("content-type"))
+
+    def send_page(self, ex: Exchange) -> None:
+        page = importlib.resources.files("imgpack.server").joinpath("page.html").read_bytes()
+        ex.respond(200, page, "text/html; charset=utf-8", [
+            ("Cache-Control", "no-cache"),
+            ("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; style-src 'unsafe-inline';"
+                                        " script-src 'unsafe-inline'; frame-ancestors 'none'"),
+            ("X-Frame-Options", "DENY"),
+        ])
+
+    def log_request(self, ex: Exchange, seconds: float) -> None:
+        if not self.quiet:
+            r = ex.request
+            sys.stderr.write(f"{printable(r.peer)} - {r.method} {printable(r.target)} {ex.status} {seconds:.3f}s\n")
+
+    # -- dispatch --------------------------------------------------------------------------------------
+
+    def handle(self, ex: Exchange) -> None:
+        request = ex.request
+        try:
+            self.policy.check_host(request.headers.get("host"))
+            origin = self.policy.cors_origin(request.headers.get("origin"), request.headers.get("host"))
+            if origin is not None:
+                ex.extra_headers += cors_headers(origin)
+            if request.method == "OPTIONS":
+                if origin is None:
+                    raise ApiError(405, "OPTIONS is only answered to allowed cross-origin callers",
+                                   code="method_not_allowed")
+                ex.respond(204, b"", "text/plain", cors_headers(origin, preflight=True)[2:])
+                return
+            route, args = self._route(request.method, request.path)
+            if not route.public and not self._authorised(request.headers.get("authorization", "")):
+                raise ApiError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            route.handler(self, ex, *args)
+        except ApiError as e:
+            if ex.answered:  # a stream already started: nothing better to do than end it
+                ex.close_after = True
+                return
+            self.send_error(ex, e)
+
+    def _route(self, method: str, path: str) -> tuple[Route, tuple[str, ...]]:
+        route = ROUTES.get((method, path))
+        if route is not None:
+            return route, ()
+        for (m, prefix), route in PREFIXES.items():
+            if m == method and path.startswith(prefix) and len(path) > len(prefix):
+                return route, (path[len(prefix):],)
+        known = any(p == path for _, p in ROUTES) or any(path.startswith(p) for _, p in PREFIXES)
+        if known:
+            raise ApiError(405, f"{method} is not allowed on {path}", code="method_not_allowed")
+        raise ApiError(404, f"no route {method} {path}", code="not_found")
+
+    def _authorised(self, header: str) -> bool:
+        if self.api_key is None:
+            return True
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
 
 def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class ClientGone(Exception):
-    """The client closed its connection; its job has been cancelled."""
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: ImageServer
-    protocol_version = "HTTP/1.1"
-    server_version = "imgpack"
-    timeout = 300  # an idle keep-alive connection, or a client that stops sending its body, is dropped after this
-    # Headers and body go out as separate small writes (and SSE events one by one); with Nagle's algorithm each
-    # would wait for the client's delayed ACK, adding ~40 ms to every response and progress event.
-    disable_nagle_algorithm = True
-
-    # -- plumbing ------------------------------------------------------------------------------------
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
-        if not self.server.quiet:
-            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
-
-    def _send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _send_error(self, error: ApiError) -> None:
-        self._send_json(error.status, error.body(), error.headers)
-
-    def _authorised(self) -> bool:
-        key = self.server.api_key
-        if key is None:
-            return True
-        header = self.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
-
-    def _read_json(self) -> Any:
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            raise ApiError(411, "chunked request bodies are not supported; send a Content-Length",
-                           code="length_required")
-        length_text = self.headers.get("Content-Length")
-        if length_text is None:
-            self.close_connection = True
-            raise ApiError(411, "a Content-Length header is required", code="length_required")
-        try:
-            length = int(length_text)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            raise ApiError(400, f"Content-Length {length_text!r} is not a byte count", code="invalid_header") from None
-        if length > self.server.max_body:
-            self.close_connection = True  # the body is never read, so the connection cannot be reused
-            self._unread = length
-            raise ApiError(413, f"the request body is {length} bytes, over the {self.server.max_body}-byte limit",
-                           code="request_too_large")
-        raw = self.rfile.read(length)
-        if len(raw) != length:
-            self.close_connection = True
-            raise ApiError(400, f"the request body ended after {len(raw)} of {length} bytes", code="invalid_body")
-        try:
-            return json.loads(raw)
-        except ValueError as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-
-    def _linger(self) -> None:
-        """After refusing a body unread: end our side, then drain (bounded) what the client is still sending.
-
-        Closing a socket with unread input makes the kernel send a reset, which can destroy the error response
-        before the client reads it.
-        """
-        try:
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(LINGER_SECONDS)
-            deadline = time.monotonic() + LINGER_SECONDS
-            left = min(self._unread, LINGER_BYTES)
-            while left > 0 and time.monotonic() < deadline:
-                chunk = self.rfile.read1(min(left, 65536))
-                if not chunk:
-                    break
-                left -= len(chunk)
-        except OSError:
-            pass
-
-    def _dispatch(self, method: str) -> None:
-        self._unread = 0
-        path = urlsplit(self.path).path
-        try:
-            if method == "GET" and path.startswith("/v1/images/files/"):
-                return self._get_file(path)  # capability URLs: the unguessable token is the credential
-            if not self._authorised():
-                raise ApiError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
-                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-            route = ROUTES.get((method, path))
-            if route is not None:
-                return route(self)
-            if method == "GET" and path.startswith("/v1/models/"):
-                return self._get_model(unquote(path[len("/v1/models/"):]))
-            if any(p == path for _, p in ROUTES) or path.startswith("/v1/models/"):
-                raise ApiError(405, f"{method} is not allowed on {path}", code="method_not_allowed")
-            raise ApiError(404, f"no route {method} {path}", code="not_found")
-        except ApiError as e:
-            self._send_error(e)
-            if self._unread:
-                self._linger()
-        except ClientGone:
-            self.close_connection = True
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception as e:  # noqa: BLE001 - one bad request must not take the server down
-            log.exception("%s %s failed", method, path)
-            self.close_connection = True
-            try:
-                self._send_error(ApiError(500, f"internal error: {e!r}", code="internal_error"))
-            except OSError:
-                pass
-
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's naming
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:  # noqa: N802
-        self._dispatch("POST")
-
-    def do_DELETE(self) -> None:  # noqa: N802
-        self._dispatch("DELETE")
-
-    def do_PUT(self) -> None:  # noqa: N802
-        self._dispatch("PUT")
-
-    # -- client liveness -----------------------------------------------------------------------------
-
-    def client_gone(self) -> bool:
-        """True once the peer has closed its end: its socket polls readable and a peek returns no bytes.
-
-        Bytes that are really there (a pipelined next request) mean the client is alive; polling then stops, as the
-        socket would stay readable.
-        """
-        if getattr(self, "_peer_sent_more", False):
-            return False
-        sock = self.connection
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            if not readable:
-                return False
-            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return False
-        except (OSError, ValueError):
-            return True
-        if data:
-            self._peer_sent_more = True
-            return False
-        return True
-
-    def _job_events(self, job: Job, heartbeat: bool = False) -> Iterator[tuple[str, Any]]:
-        """The job's events, until its last one; cancels the job and raises ``ClientGone`` if the client leaves."""
-        last_write = time.monotonic()
-        while True:
-            try:
-                kind, payload = job.events.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                if self.client_gone():
-                    self._abandon(job)
-                if heartbeat and time.monotonic() - last_write > HEARTBEAT_SECONDS:
-                    self._write_stream(job, b": waiting\n\n")
-                    last_write = time.monotonic()
-                continue
-            if kind == PROGRESS and self.client_gone():
-                self._abandon(job)
-            yield kind, payload
-            last_write = time.monotonic()
-            if kind != PROGRESS:
-                return
-
-    def _abandon(self, job: Job) -> None:
-        self.server.manager.cancel(job)
-        log.info("client %s went away; cancelled job %s", self.address_string(), job.id)
-        raise ClientGone
-
-    def _write_stream(self, job: Job, data: bytes) -> None:
-        try:
-            self.wfile.write(data)
-        except OSError:
-            self._abandon(job)
-
-    # -- routes --------------------------------------------------------------------------------------
-
-    def _generations(self) -> None:
-        spec = parse_generation(self._read_json())
-        job = self.server.manager.submit(spec)
-        try:
-            if spec.stream:
-                self._stream(job)
-            else:
-                self._wait(job)
-        finally:
-            if job.state in ("queued", "running"):
-                self.server.manager.cancel(job)  # whatever went wrong here, nobody is waiting for this job now
-
-    def _result(self, job: Job, images: list[GeneratedImage]) -> dict[str, Any]:
-        data = []
-        for image in images:
-            if job.spec.response_format == "url":
-                token = self.server.files.put(image.png)
-                url = f"{self.server.base_url_for(self.headers.get('Host'))}/v1/images/files/{token}.png"
-                data.append({"url": url, "seed": image.seed})
-            else:
-                data.append({"b64_json": base64.b64encode(image.png).decode("ascii"), "seed": image.seed})
-        return {"created": int(time.time()), "data": data}
-
-    def _wait(self, job: Job) -> None:
-        for kind, payload in self._job_events(job):
-            if kind == DONE:
-                self._send_json(200, self._result(job, payload))
-            elif kind == ERROR:
-                self._send_error(payload)
-            elif kind == CANCELLED:
-                self._send_error(ApiError(503, "the job was cancelled (the server is stopping)", code="cancelled",
-                                          headers={"Retry-After": "1"}))
-
-    def _stream(self, job: Job) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")  # the stream ends when the connection does
-        self.send_header("X-Accel-Buffering", "no")
-        self.end_headers()
-        self.close_connection = True
-        self._write_stream(job, b": queued\n\n")
-        for kind, payload in self._job_events(job, heartbeat=True):
-            if kind == PROGRESS:
-                self._write_stream(job, _sse("progress", payload))
-            elif kind == DONE:
-                self._write_stream(job, _sse("done", self._result(job, payload)))
-            elif kind == ERROR:
-                self._write_stream(job, _sse("error", payload.body()))
-            elif kind == CANCELLED:
-                error = ApiError(503, "the job was cancelled (the server is stopping)", code="cancelled")
-                self._write_stream(job, _sse("error", error.body()))
-
-    def _get_file(self, path: str) -> None:
-        name = path[len("/v1/images/files/"):]
-        token = name[:-4] if name.endswith(".png") else ""
-        png = self.server.files.get(token) if _TOKEN.match(token) else None
-        if png is None:
-            raise ApiError(404, "no such image (image URLs expire after an hour)", code="not_found")
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(png)))
-        self.send_header("Cache-Control", "private, max-age=3600")
-        self.end_headers()
-        self.wfile.write(png)
-
-    def _models(self) -> None:
-        rows = [self._model_row(name, digest) for name, digest in self.server.store.references()]
-        self._send_json(200, {"object": "list", "data": rows})
-
-    def _model_row(self, name: str, digest: str) -> dict[str, Any]:
-        created = 0
-        try:
-            manifest = self.server.store.manifest_by_digest(digest, source=name)
-            stamp = (manifest.document.get("annotations") or {}).get(oci_spec.CREATED_ANNOTATION)
-            if stamp:
-                import datetime as dt
-
-                created = int(dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
-        except Exception:  # noqa: BLE001 - a listing shows a broken model rather than failing
-            created = 0
-        return {"id": name, "object": "model", "created": created, "owned_by": "imgpack", "digest": digest}
-
-    def _get_model(self, given: str) -> None:
-        reference = parse_model(given)
-        name, digest = self.server.manager.resolve(reference, given)
-        self._send_json(200, self._model_row(name, digest))
-
-    def _ps(self) -> None:
-        memory: dict[str, int] = {}
-        try:
-            from imgpack.runtime.backend import mx
-
-            memory = {"active": int(mx.get_active_memory()), "peak": int(mx.get_peak_memory()),
-                      "cache": int(mx.get_cache_memory())}
-        except (ImportError, AttributeError):
-            pass
-        self._send_json(200, {"models": self.server.manager.ps(), "memory": memory})
-
-    def _stop(self) -> None:
-        body = self._read_json()
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
-        given = body.get("model")
-        if not isinstance(given, str) or not given:
-            raise ApiError(400, "model: required (a loaded model's name, see GET /api/ps)", param="model",
-                           code="missing_required_parameter")
-        self._send_json(200, self.server.manager.stop(given))
-
-
-ROUTES = {
-    ("POST", "/v1/images/generations"): Handler._generations,
-    ("GET", "/v1/models"): Handler._models,
-    ("GET", "/api/ps"): Handler._ps,
-    ("POST", "/api/stop"): Handler._stop,
-}
-
-
-def _sse(event: str, body: Any) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(body)}\n\n".encode()
 
 
 def serve(
@@ -491,6 +214,8 @@ def serve(
     api_key: str | None = None,
     keep_alive: float = DEFAULT_KEEP_ALIVE,
     max_queue: int = DEFAULT_MAX_QUEUE,
+    allowed_hosts: tuple[str, ...] = (),
+    allowed_origins: tuple[str, ...] = (),
     quiet: bool = False,
     ready: threading.Event | None = None,
 ) -> int:
@@ -499,7 +224,7 @@ def serve(
 
     try:
         server = ImageServer((host, port), store, api_key=api_key, keep_alive=keep_alive, max_queue=max_queue,
-                             quiet=quiet)
+                             allowed_hosts=allowed_hosts, allowed_origins=allowed_origins, quiet=quiet)
     except OSError as e:
         from imgpack.schemas.errors import ImgpackError
 
@@ -515,13 +240,16 @@ def serve(
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-    print(f"imgpack: serving {store.root} at {server.url} (OpenAI API under {server.url}/v1)", flush=True)
+    print(f"imgpack: serving {store.root} at {server.url} (OpenAI API under {server.url}/v1, ollama's under"
+          f" {server.url}/api, a page at {server.url}/)", flush=True)
     if ready is not None:
         ready.set()
+    started = time.monotonic()
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+    log.info("served for %.0fs", time.monotonic() - started)
     return 0

@@ -4,12 +4,16 @@ Each loaded model owns one worker thread that runs its jobs one at a time in arr
 are touched by a single thread and two requests never fight over its memory. HTTP threads only submit jobs,
 read their events and set a job's cancel flag when their client goes away; the pipeline checks that flag between
 steps. A worker unloads its model (and exits) once it has been idle past its keep-alive, or when stopped.
+
+Every call into the MLX runtime is in the "runtime boundary" section below (``default_loader``, ``run_job``,
+``give_back_memory``, ``memory_stats``), so a change of pipeline API touches only those functions.
 """
 
 from __future__ import annotations
 
 import collections
 import datetime as dt
+import functools
 import gc
 import itertools
 import logging
@@ -23,7 +27,9 @@ from typing import Any
 
 from imgpack.schemas.errors import ImgpackError, NotFoundError, UsageError
 from imgpack.schemas.reference import Reference
+from imgpack.server import imaging
 from imgpack.server.api import DEFAULT_KEEP_ALIVE, ApiError, ImageJobSpec
+from imgpack.server.wire import printable
 from imgpack.store.store import Store
 
 log = logging.getLogger("imgpack.server")
@@ -31,14 +37,21 @@ log = logging.getLogger("imgpack.server")
 DEFAULT_MAX_QUEUE = 16
 HISTORY = 64  # finished jobs remembered for /api/ps and tests
 
+#: A request above this many pixels (times its batch) has its working memory handed back to the system afterwards.
+LARGE_PIXELS = 1024 * 1024
+
 # Job event kinds put on ``Job.events``.
-PROGRESS, DONE, ERROR, CANCELLED = "progress", "done", "error", "cancelled"
+PROGRESS, PREVIEW, DONE, ERROR, CANCELLED = "progress", "preview", "done", "error", "cancelled"
 
 
 @dataclass
 class GeneratedImage:
-    png: bytes
+    """One encoded image file (``format`` as in ``output_format``); previews carry the step they show."""
+
+    data: bytes
     seed: int
+    format: str = "png"
+    step: int | None = None
 
 
 @dataclass
@@ -52,6 +65,7 @@ class Job:
     events: queue.Queue = field(default_factory=queue.Queue)
     state: str = "queued"  # queued, running, done, failed, cancelled
     steps_done: int = 0
+    load_seconds: float = 0.0  # the part of this job spent loading its model
     submitted: float = field(default_factory=time.time)
     finished: float | None = None
 
@@ -91,23 +105,145 @@ class LoadedModel:
         return self.idle_since + (0.0 if self.unload_when_idle else self.keep_alive)
 
 
-def default_loader(store: Store, name: str) -> Any:
+# -- the runtime boundary ----------------------------------------------------------------------------
+
+
+def default_loader(store: Store, name: str, width: int = 1024, height: int = 1024, batch: int = 1) -> Any:
     """Open and fully load a model (the server pays the load once, not per request).
 
-    The server keeps all three networks resident, so it checks, before loading anything, that they fit
-    together with the working memory of a 1024x1024 image; a model that does not fit is refused with the
-    memory message instead of being killed part-way through loading.
+    The server keeps all three networks resident, so it checks, before loading anything, that they fit together
+    with the working memory of the request that asked for the load (its own size and batch); a model that does
+    not fit is refused with the memory message instead of being killed part-way through loading.
     """
     from imgpack.runtime.backend import available_memory
     from imgpack.runtime.common.loader import check_memory
     from imgpack.runtime.zimage.pipeline import ZImageModel
 
     model = ZImageModel.open(store, name)
-    need = sum(model.weight_bytes().values()) + model.activation_bytes(1024, 1024, 1)
-    check_memory(need, available_memory(), f"model {name} (the server keeps all of it loaded)")
+    need = sum(model.weight_bytes().values()) + model.activation_bytes(width, height, batch)
+    check_memory(need, available_memory(), f"model {name} at {width}x{height} (the server keeps all of it loaded)")
     model.load()
     model.keep_text_encoder = True
     return model
+
+
+class JobFailed(Exception):
+    """A job ended in an error its client should see as this ``ApiError``."""
+
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def run_job(model: Any, name: str, job: Job, encode: Callable[[Any], bytes]) -> list[GeneratedImage]:
+    """Generate a job's images on a loaded model, putting progress and previews on its event queue.
+
+    Runtime failures are translated here: a cancelled generation raises ``GenerationCancelled`` unchanged (the
+    caller records it), everything the client should hear about becomes ``JobFailed``.
+    """
+    from imgpack.runtime.backend import available_memory
+    from imgpack.runtime.common.loader import InsufficientMemory, check_memory
+    from imgpack.runtime.zimage import pipeline
+
+    spec = job.spec
+    batch = 2 if spec.guidance > 0 else 1
+    previews = spec.preview_steps()
+    images = []
+    try:
+        if hasattr(model, "activation_bytes"):
+            # The weights are resident already: only this request's working memory is still to find.
+            check_memory(model.activation_bytes(spec.width, spec.height, batch), available_memory(),
+                         f"{name} at {spec.width}x{spec.height}")
+        for k in range(spec.n):
+            request = pipeline.GenerationRequest(
+                prompt=spec.prompt, width=spec.width, height=spec.height, steps=spec.steps, seed=spec.seed + k,
+                guidance=spec.guidance, negative=spec.negative_prompt,
+            )
+            for event in pipeline.generate(model, request, cancel=job.cancel, previews=previews):
+                if isinstance(event, pipeline.Step):
+                    job.steps_done += 1
+                    job.events.put((PROGRESS, {"step": job.steps_done, "total": job.total_steps}))
+                elif isinstance(event, pipeline.Preview):
+                    job.events.put((PREVIEW, GeneratedImage(encode(event.pixels), request.seed, spec.output_format,
+                                                            event.step)))
+                elif isinstance(event, pipeline.Image):
+                    images.append(GeneratedImage(encode(event.pixels), event.seed, spec.output_format))
+    except pipeline.GenerationCancelled:
+        raise JobCancelled from None
+    except UsageError as e:
+        raise JobFailed(ApiError(400, str(e), code="invalid_value")) from None
+    except InsufficientMemory as e:
+        raise JobFailed(ApiError(503, f"model {name}: {e}", code="insufficient_memory")) from None
+    except ImgpackError as e:
+        raise JobFailed(ApiError(500, f"model {name}: {e}", code="generation_failed")) from None
+    return images
+
+
+def load_failure(name: str, error: Exception) -> ApiError | None:
+    """The client's view of a failed load, or None for an unexpected error (logged and answered 500)."""
+    from imgpack.runtime.common.loader import InsufficientMemory
+
+    if isinstance(error, InsufficientMemory):
+        return ApiError(503, f"model {name}: {error}", code="insufficient_memory")
+    if isinstance(error, ImgpackError):
+        return ApiError(500, f"model {name}: {error}", code="generation_failed")
+    return None
+
+
+def give_back_memory(unloading: bool = False) -> None:
+    """Return freed memory to the system: MLX's buffer cache, then (glibc) the C heap's free pages.
+
+    Called after a large request and after an unload; without it a 2048x2048 request leaves the process hundreds
+    of MB larger for good. ``unloading`` also drops the worker thread's MLX streams, which MLX requires each
+    thread to do for itself before it ends (otherwise the process can abort at exit).
+    """
+    gc.collect()
+    try:
+        from imgpack.runtime.backend import mx
+
+        mx.clear_cache()
+        if unloading:
+            mx.clear_streams()
+    except ImportError:
+        pass
+    _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def memory_stats() -> dict[str, int]:
+    """MLX's own accounting (active, peak, cache bytes) for ``/api/ps``; empty without the runtime."""
+    try:
+        from imgpack.runtime.backend import mx
+
+        return {"active": int(mx.get_active_memory()), "peak": int(mx.get_peak_memory()),
+                "cache": int(mx.get_cache_memory())}
+    except (ImportError, AttributeError):
+        return {}
+
+
+def on_gpu() -> bool:
+    """Whether models sit in GPU memory (Metal's unified memory) rather than plain CPU memory."""
+    try:
+        from imgpack.runtime.backend import is_cpu
+
+        return not is_cpu()
+    except ImportError:
+        return False
+
+
+class JobCancelled(Exception):
+    """The job's cancel flag stopped the generation between two steps."""
 
 
 def model_size(model: Any) -> int:
@@ -126,7 +262,7 @@ class ModelManager:
         *,
         keep_alive: float = DEFAULT_KEEP_ALIVE,
         max_queue: int = DEFAULT_MAX_QUEUE,
-        loader: Callable[[Store, str], Any] = default_loader,
+        loader: Callable[[Store, str, int, int, int], Any] = default_loader,
     ) -> None:
         self.store = store
         self.keep_alive = keep_alive
@@ -264,54 +400,41 @@ class ModelManager:
         job.events.put(event)
 
     def _run(self, entry: LoadedModel, job: Job) -> None:
-        from imgpack.runtime.common.loader import InsufficientMemory
-        from imgpack.runtime.zimage import pipeline
-
         spec = job.spec
         try:
             if entry.model is None:
-                entry.model = self.loader(self.store, entry.name)
+                load_started = time.monotonic()
+                try:
+                    entry.model = self.loader(self.store, entry.name, spec.width, spec.height,
+                                              2 if spec.guidance > 0 else 1)
+                except Exception as e:  # noqa: BLE001 - translated below; a failed load is retried next request
+                    error = load_failure(entry.name, e)
+                    if error is None:
+                        raise
+                    raise JobFailed(error) from None
                 entry.size = model_size(entry.model)
                 entry.loaded_at = time.time()
-            images = []
-            for k in range(spec.n):
-                request = pipeline.GenerationRequest(
-                    prompt=spec.prompt, width=spec.width, height=spec.height, steps=spec.steps, seed=spec.seed + k,
-                    guidance=spec.guidance, negative=spec.negative_prompt,
-                )
-                if k == 0 and hasattr(entry.model, "activation_bytes"):
-                    # The weights are resident already: only this request's working memory is still to find.
-                    from imgpack.runtime.backend import available_memory
-                    from imgpack.runtime.common.loader import check_memory
-
-                    batch = 2 if request.guidance > 0 else 1
-                    check_memory(entry.model.activation_bytes(request.width, request.height, batch),
-                                 available_memory(), f"{entry.name} at {request.width}x{request.height}")
-                for event in pipeline.generate(entry.model, request, cancel=job.cancel):
-                    if isinstance(event, pipeline.Step):
-                        job.steps_done += 1
-                        job.events.put((PROGRESS, {"step": job.steps_done, "total": job.total_steps}))
-                    elif isinstance(event, pipeline.Image):
-                        images.append(GeneratedImage(pipeline.encode_png(event.pixels), event.seed))
+                job.load_seconds = time.monotonic() - load_started
+            if not spec.prompt:  # ollama's "load only" request
+                self._finish(job, "done", (DONE, []))
+                return
+            encode = functools.partial(imaging.encode, output_format=spec.output_format,
+                                       compression=spec.output_compression)
+            images = run_job(entry.model, entry.name, job, encode)
             self._finish(job, "done", (DONE, images))
-        except pipeline.GenerationCancelled:
+        except JobCancelled:
             self._finish(job, "cancelled", (CANCELLED, None))
-        except UsageError as e:
-            self._finish(job, "failed", (ERROR, ApiError(400, str(e), code="invalid_value")))
-        except InsufficientMemory as e:
-            if entry.loaded_at is None:
-                entry.model = None
-            self._finish(job, "failed", (ERROR, ApiError(503, f"model {entry.name}: {e}", code="insufficient_memory")))
-        except ImgpackError as e:
-            if entry.loaded_at is None:
-                entry.model = None  # a failed load is retried by the next request
-            self._finish(job, "failed", (ERROR, ApiError(500, f"model {entry.name}: {e}", code="generation_failed")))
+        except JobFailed as e:
+            self._finish(job, "failed", (ERROR, e.error))
         except Exception as e:  # noqa: BLE001 - the client gets a 500, the worker keeps serving
-            log.exception("job %s on %s failed", job.id, entry.name)
-            if entry.loaded_at is None:
-                entry.model = None
+            log.exception("job %s on %s failed", job.id, printable(entry.name))
             self._finish(job, "failed", (ERROR, ApiError(500, f"model {entry.name}: internal error: {e!r}",
                                                          code="internal_error")))
+        finally:
+            if entry.loaded_at is None:
+                entry.model = None
+            if spec.width * spec.height * spec.n > LARGE_PIXELS:
+                give_back_memory()
 
     def _unload(self, entry: LoadedModel) -> None:
         with self._lock:
@@ -325,17 +448,8 @@ class ModelManager:
         for job in leftovers:  # only reachable when stopped during shutdown
             self._finish(job, "cancelled", (ERROR, ApiError(503, "the model was unloaded; retry",
                                                              code="model_unloaded", headers={"Retry-After": "1"})))
-        gc.collect()
-        try:
-            from imgpack.runtime.backend import mx
-
-            mx.clear_cache()
-            # This runs on the worker thread, the only one that computed with this model. MLX requires each thread
-            # to destroy its own streams before it ends; otherwise the process can abort at exit.
-            mx.clear_streams()
-        except ImportError:
-            pass
-        log.info("unloaded %s", entry.name)
+        give_back_memory(unloading=True)  # on the worker thread, the only one that computed with this model
+        log.info("unloaded %s", printable(entry.name))
 
     # -- management ----------------------------------------------------------------------------------
 

@@ -115,17 +115,17 @@ def start_server(server_store) -> Iterator[Callable[..., ServerHandle]]:
 
     started: list[tuple[Any, threading.Thread]] = []
 
-    def start(fail_at: int | None = None, **options: Any) -> ServerHandle:
+    def start(fail_at: int | None = None, store: Any = None, **options: Any) -> ServerHandle:
         handle: ServerHandle
 
-        def loader(store: Any, name: str) -> Any:
-            model = default_loader(store, name)
+        def loader(store: Any, name: str, *plan: int) -> Any:
+            model = default_loader(store, name, *plan)
             if fail_at is not None:
                 model.transformer = FailingTransformer(model.transformer, fail_at)
             handle.loaded.append(weakref.ref(model))
             return model
 
-        server = ImageServer(("127.0.0.1", 0), server_store, quiet=True, loader=loader, **options)
+        server = ImageServer(("127.0.0.1", 0), store or server_store, quiet=True, loader=loader, **options)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
         started.append((server, thread))
@@ -152,18 +152,36 @@ class RawStream:
         head += f"Content-Length: {len(data)}\r\n\r\n"
         self.sock.sendall(head.encode() + data)
         self.file = self.sock.makefile("rb")
+        self.chunked = False
 
     def status(self) -> int:
         line = self.file.readline().decode()
-        while self.file.readline() not in (b"\r\n", b""):
-            pass
+        while (header := self.file.readline()) not in (b"\r\n", b""):
+            if header.lower().startswith(b"transfer-encoding:") and b"chunked" in header.lower():
+                self.chunked = True
         return int(line.split()[1])
+
+    def lines(self) -> Iterator[str]:
+        """The body's lines, undoing chunked transfer encoding."""
+        if not self.chunked:
+            for raw in self.file:
+                yield raw.decode().rstrip("\r\n")
+            return
+        pending = b""
+        while size_line := self.file.readline():
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                break
+            pending += self.file.read(size)
+            self.file.readline()  # the CRLF after the chunk
+            *complete, pending = pending.split(b"\n")
+            for raw in complete:
+                yield raw.decode().rstrip("\r")
 
     def events(self) -> Iterator[tuple[str, Any]]:
         """(event, data) pairs of a server-sent event stream."""
         event, data = None, None
-        for raw in self.file:
-            line = raw.decode().rstrip("\r\n")
+        for line in self.lines():
             if line.startswith("event: "):
                 event = line[7:]
             elif line.startswith("data: "):

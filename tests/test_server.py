@@ -100,11 +100,14 @@ def test_stream_reports_every_step_then_the_image(start_server, reference_png):
         events = sse(response)
     progress = [data for event, data in events if event == "progress"]
     assert progress == [{"step": i, "total": 6} for i in range(1, 7)]
-    assert [event for event, _ in events][-1] == "done"
+    assert [event for event, _ in events] == ["progress"] * 6 + ["image_generation.completed"] * 2 + ["done"]
     done = events[-1][1]
-    assert set(done) == {"created", "data"}
+    assert set(done) == {"created", "data", "size", "output_format", "background", "quality", "usage"}
+    assert (done["size"], done["output_format"]) == ("64x64", "png")
     pngs = [base64.b64decode(d["b64_json"]) for d in done["data"]]
     assert pngs == [reference_png("a lighthouse", 5, steps=3), reference_png("a lighthouse", 6, steps=3)]
+    completed = [data for event, data in events if event == "image_generation.completed"]
+    assert [base64.b64decode(c["b64_json"]) for c in completed] == pngs
 
 
 def test_stream_failure_midway_is_an_error_event(start_server):
@@ -184,15 +187,17 @@ def test_openai_client_sees_openai_errors(start_server):
 def test_body_errors(start_server):
     srv = start_server()
     url = srv.url + "/v1/images/generations"
-    big = requests.post(url, data=b"{" + b" " * (2 * 1024 * 1024) + b"}", timeout=30,
-                        headers={"Content-Type": "application/json"})
+    json_type = {"Content-Type": "application/json"}
+    big = requests.post(url, data=b"{" + b" " * (2 * 1024 * 1024) + b"}", timeout=30, headers=json_type)
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
-    not_json = requests.post(url, data=b"{nope", timeout=30)
+    not_json = requests.post(url, data=b"{nope", timeout=30, headers=json_type)
     assert not_json.status_code == 400 and not_json.json()["error"]["code"] == "invalid_json"
     array = requests.post(url, json=["model"], timeout=30)
     assert array.status_code == 400 and "JSON object" in array.json()["error"]["message"]
-    chunked = requests.post(url, data=iter([b'{"model": "zimage-tiny", "prompt": "x"}']), timeout=30)
-    assert chunked.status_code == 411
+    # A chunked body is read like any other (within the same size limit).
+    chunked = requests.post(url, data=iter([b'{"model": "zimage-tiny", ', b'"prompt": "x", "size": "1x1"}']),
+                            timeout=30, headers=json_type)
+    assert chunked.status_code == 400 and chunked.json()["error"]["param"] == "size"
     assert srv.get("/v1/nothing").status_code == 404
     wrong_method = srv.get("/v1/images/generations")
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"

@@ -14,7 +14,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +66,15 @@ class Step:
 
 
 @dataclass
+class Preview:
+    """The clean image the model predicts after ``step`` (asked for with ``generate(previews=...)``)."""
+
+    step: int  # 1-based
+    total: int
+    pixels: np.ndarray  # (height, width, 3) uint8
+
+
+@dataclass
 class Image:
     pixels: np.ndarray  # (height, width, 3) uint8
     seed: int
@@ -74,7 +83,7 @@ class Image:
         return encode_png(self.pixels)
 
 
-Event = Stage | Step | Image
+Event = Stage | Step | Preview | Image
 
 
 def initial_noise(seed: int, channels: int, height: int, width: int, vae_scale: int = 8) -> np.ndarray:
@@ -303,10 +312,14 @@ def generate(
     request: GenerationRequest,
     cancel: threading.Event | None = None,
     latents: np.ndarray | None = None,
+    previews: Collection[int] = (),
 ) -> Iterator[Event]:
     """Run one text-to-image generation, yielding progress; the last event is the ``Image``.
 
-    ``latents`` overrides the seed's noise (tests pass the reference latents).
+    ``latents`` overrides the seed's noise (tests pass the reference latents). After each 1-based step listed in
+    ``previews`` a ``Preview`` follows its ``Step``: the VAE decode of the clean latent predicted at that point
+    (``x + sigma_next * flow``), which is what a streaming client shows while it waits. Each costs one decode, and
+    loads the VAE early when it is not resident.
     """
     check_request(request, model)
     cfg, vcfg = model.transformer_config, model.vae_config
@@ -348,6 +361,12 @@ def generate(
         x = x + scheduler.step_size(i) * -flow
         mx.eval(x)
         yield Step(i + 1, scheduler.num_steps, time.perf_counter() - start)
+        if i + 1 in previews:
+            predicted = x + float(scheduler.sigmas[i + 1]) * flow
+            preview = model.load_vae()(predicted[None])
+            mx.eval(preview)
+            yield Preview(i + 1, scheduler.num_steps, to_pixels(preview))
+            del preview, predicted
     cancelled()
     del transformer
     if not model.keep_loaded:
@@ -381,6 +400,7 @@ __all__ = [
     "GenerationCancelled",
     "Stage",
     "Step",
+    "Preview",
     "Image",
     "ZImageModel",
     "generate",
