@@ -169,41 +169,44 @@ def referrer_descriptor(manifest: bytes) -> Descriptor:
     return Descriptor(media_type, sha256_bytes(manifest), len(manifest), {}, artifact_type or None)
 
 
-def parse_referrers(index: bytes) -> list[Descriptor]:
-    """The entries of a referrers list (the API's answer, or the fallback tag's index)."""
-    document = parse_object(index, "referrers index")
+def _index(data: bytes) -> tuple[dict[str, Any], list[Descriptor]]:
+    document = parse_object(data, "referrers index")
     if document.get("mediaType", spec.OCI_INDEX) != spec.OCI_INDEX:
         raise SignatureError(f"referrers index has media type {document.get('mediaType')!r}, not an OCI index")
     entries = document.get("manifests")
     if entries is None:
-        return []
+        return document, []
     if not isinstance(entries, list):
         raise SignatureError("referrers index has a manifests member that is not a list")
-    return [Descriptor.from_json(entry, f"referrers index entry {i}") for i, entry in enumerate(entries)]
+    return document, [Descriptor.from_json(entry, f"referrers index entry {i}") for i, entry in enumerate(entries)]
+
+
+def parse_referrers(index: bytes) -> list[Descriptor]:
+    """The entries of a referrers list (the API's answer, or the fallback tag's index)."""
+    return _index(index)[1]
 
 
 def add_referrers(existing: bytes | None, subject_digest: str, entries: Iterable[Descriptor]) -> Artifact | None:
     """The fallback index at `referrers_tag` with ``entries`` merged in (``existing`` None: the tag's 404).
 
-    Entries are kept one per digest (the first wins) and sorted by digest, as ggcr does; returns None when
-    every entry was already listed, so nothing needs writing.
+    Entries are kept one per digest (the first wins) and sorted by digest, as ggcr does; the index's own
+    annotations are kept. Returns None when every entry was already listed, so nothing needs writing.
     """
-    tag = referrers_tag(subject_digest)
-    current = parse_referrers(existing) if existing is not None else []
-    annotations = parse_object(existing, "referrers index").get("annotations") if existing is not None else None
+    document, current = _index(existing) if existing is not None else ({}, [])
     merged: dict[str, Descriptor] = {}
     for entry in [*current, *entries]:
         merged.setdefault(entry.digest, entry)
     if existing is not None and set(merged) == {entry.digest for entry in current}:
         return None
-    document: dict[str, Any] = {
+    out: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": spec.OCI_INDEX,
         "manifests": [merged[digest].to_json() for digest in sorted(merged)],
     }
+    annotations = document.get("annotations")
     if isinstance(annotations, dict) and annotations:
-        document["annotations"] = dict(sorted(annotations.items()))
-    return Artifact(go_json(document), spec.OCI_INDEX, {}, tag)
+        out["annotations"] = dict(sorted(annotations.items()))
+    return Artifact(go_json(out), spec.OCI_INDEX, {}, referrers_tag(subject_digest))
 
 
 def bundle_layer(manifest: bytes) -> Descriptor | None:
@@ -338,7 +341,7 @@ def verify_bundle(
         subject = next((s for s in subjects if s.get("digest", {}).get("sha256") == expected_hex), subjects[0])
         named = subject.get("digest", {}).get("sha256")
         if named != expected_hex:
-            shown = ", ".join(f"sha256:{s.get('digest', {}).get('sha256')}" for s in subjects[:3])
+            shown = ", ".join(f"{a}:{v}" for s in subjects[:3] for a, v in s.get("digest", {}).items()) or "no digest"
             raise SignatureError(f"the statement's subject names {shown}, not {expected_digest}")
         annotations = subject.get("annotations", {})
         for name, value in (require or {}).items():

@@ -16,7 +16,8 @@ Private keys are written in two forms, both password-protected:
   `imgpack.signing.secretbox` (see there why it is not PyNaCl); scrypt is `cryptography`'s.
 
 Read: both cosign PEM labels (``ENCRYPTED COSIGN PRIVATE KEY`` is the older one), PKCS#8 encrypted or not, and
-SEC1 ``EC PRIVATE KEY`` as ``openssl ecparam -genkey`` writes it (its ``EC PARAMETERS`` block is skipped). Public
+SEC1 ``EC PRIVATE KEY`` as ``openssl ecparam -genkey`` writes it (its ``EC PARAMETERS`` block is skipped); a
+cosign file whose plaintext is SEC1 rather than PKCS#8 is accepted too, though cosign refuses it. Public
 keys: PEM ``PUBLIC KEY`` (SubjectPublicKeyInfo, cosign.pub), DER SPKI, or an X.509 certificate's key. Passwords
 come in as arguments; the command decides between ``IMGPACK_SIGNING_PASSWORD``, ``COSIGN_PASSWORD`` (for cosign
 key files; cosign accepts it set but empty) and a prompt, using `inspect_private_key` to know whether one is needed.

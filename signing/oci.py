@@ -270,7 +270,7 @@ class Verification:
         what = f"no valid signature for {self.expected_digest} by key {self.key_fingerprint}"
         if not self.checks:
             return f"{what}: no signature found ({'; '.join(self.absent) or 'nothing to check'})"
-        return f"{what}: " + "; ".join(f"{check.where}: {check.reason}" for check in self.checks)
+        return f"{what}: " + "; ".join([*(f"{check.where}: {check.reason}" for check in self.checks), *self.absent])
 
     def describe(self) -> list[str]:
         """One line per accepted signature: who signed what, and where the signature was found."""
