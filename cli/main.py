@@ -19,6 +19,7 @@ from imgpack.cli import (
     registry_commands,
     runtime_commands,
     server_commands,
+    signing_commands,
     store_commands,
 )
 from imgpack.cli.ui import emit_json, safe
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"imgpack {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     common = common_options(True)
-    for module in (store_commands, registry_commands, runtime_commands, server_commands, conformance_commands):
+    for module in (store_commands, registry_commands, signing_commands, runtime_commands, server_commands,
+                   conformance_commands):
         module.register(sub, common)
     p = sub.add_parser("version", parents=[common], help="print imgpack's version",
                        description="Print imgpack's version.")

@@ -59,6 +59,10 @@ def _settings(args: argparse.Namespace):  # noqa: ANN202 - TransferSettings
         selection=selection, log=log,
     )
     verify_key = getattr(args, "verify_key", None)
+    if verify_key is None and getattr(args, "command", None) == "pull":
+        from imgpack.cli.signing_commands import policy_key
+
+        verify_key = policy_key(args.ref)
     if verify_key:
         from imgpack.cli.signing_commands import pull_policy
 

@@ -173,6 +173,10 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.key:
+        from imgpack.cli.signing_commands import verify_signature
+
+        return verify_signature(args)
     from imgpack.conformance.verify import verify_store
 
     report = verify_store(_store(args), args.ref)
@@ -262,8 +266,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("refs", metavar="REF", nargs="+", help="stored models")
     p.set_defaults(func=cmd_rm)
 
-    p = add("verify", "re-hash blobs and check every stored model against spec v1")
-    p.add_argument("ref", metavar="REF", nargs="?", help="one stored model (default: all)")
+    p = add("verify", "re-hash blobs and check every stored model against spec v1 (or, with --key, a model's"
+                      " signature)")
+    p.add_argument("ref", metavar="REF", nargs="?", help="one model: stored (default: all), or with --key also"
+                   " HOST/REPO:TAG or oci:PATH[:TAG]")
+    p.add_argument("--key", metavar="PUB", help="check instead that a signature by this public key names the model")
+    p.add_argument("--insecure", action="store_true", help="allow plain HTTP to a non-loopback registry")
+    p.add_argument("--ca-file", metavar="PEM", help="trust this CA bundle for the registry's TLS certificate")
     p.set_defaults(func=cmd_verify)
 
     p = add("save", "write models to one .tar.zst archive (an OCI layout) for offline transfer")

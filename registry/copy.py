@@ -34,7 +34,16 @@ from imgpack.registry.layout import DiskFull, ShortBlob
 from imgpack.registry.progress import Reporter, descriptor_component
 from imgpack.registry.remote import MIN_RATE, LayerLimit
 from imgpack.registry.retry import Cancelled
-from imgpack.registry.target import BlobStatus, Mounter, ReferrerFinder, Target, TargetBlobSource, read_node
+from imgpack.registry.target import (
+    BlobStatus,
+    BytesSource,
+    Mounter,
+    ReferrerFinder,
+    Target,
+    TargetBlobSource,
+    read_node,
+    sibling,
+)
 from imgpack.registry.transport import GaveUp
 from imgpack.schemas.errors import AuthError, ImgpackError, IntegrityError, NotFoundError, TransferError
 from imgpack.schemas.graph import Descriptor, Node, parse_node
@@ -207,12 +216,28 @@ def copy_graph(
     if hooks.after_copy is not None:
         hooks.after_copy(graph)
     if hooks.referrers and isinstance(src, ReferrerFinder):
-        for referrer, tag in src.referrers(root):
-            copy_graph(src, referrer.digest, dst, tag, concurrency=concurrency, cancel=cancel)
-            result.referrers += 1
+        _copy_referrers(src, dst, dst_reference, root, result, concurrency, cancel)
     result.seconds = time.monotonic() - started
     reporter.finish(result)
     return result
+
+
+def _copy_referrers(src: Target, dst: Target, dst_reference: str | None, root: Descriptor, result: CopyResult,
+                    concurrency: int, cancel: threading.Event) -> None:
+    """Signatures travel with the model: cosign's ``.sig`` under its tag, OCI referrers by digest, listed in the
+    destination's referrers tag-schema index (what registries without the referrers API, and layouts, offer)."""
+    assert isinstance(src, ReferrerFinder)
+    by_digest: list[Descriptor] = []
+    for referrer, tag in src.referrers(root):
+        target_ref = sibling(dst, dst_reference, tag) if tag else None
+        copy_graph(src, referrer.digest, dst, target_ref, concurrency=concurrency, cancel=cancel)
+        if tag is None:
+            by_digest.append(referrer)
+        result.referrers += 1
+    if by_digest:
+        from imgpack.registry.signatures import attach_referrers
+
+        attach_referrers(dst, dst_reference, root.digest, by_digest)
 
 
 def _push_root(dst: Target, dst_reference: str | None, graph: Graph, pushes: list[tuple[Descriptor, bytes]],
@@ -234,7 +259,7 @@ def _push_nodes(dst: Target, dst_reference: str | None, pushes: list[tuple[Descr
         last = i == len(pushes) - 1
         if not desc.is_graph_node:  # a blob the replacement adds (the split form's manifest blob)
             if not dst.exists(desc):
-                dst.push(desc, _BytesSource(desc, content), lambda _n: None)
+                dst.push(desc, BytesSource(desc, content), lambda _n: None)
                 if result is not None:
                     result.transferred += 1
             continue
@@ -242,23 +267,6 @@ def _push_nodes(dst: Target, dst_reference: str | None, pushes: list[tuple[Descr
             dst.push_node(desc, content, dst_reference)
         elif not dst.exists(desc):
             dst.push_node(desc, content)
-
-
-class _BytesSource:
-    """Blob content held in memory (small generated blobs)."""
-
-    def __init__(self, descriptor: Descriptor, content: bytes) -> None:
-        self.descriptor = descriptor
-        self.content = content
-
-    def open(self, offset: int = 0):  # noqa: ANN201 - a Stream
-        import contextlib
-
-        @contextlib.contextmanager
-        def stream():  # noqa: ANN202
-            yield offset, iter([self.content[offset:]])
-
-        return stream()
 
 
 def _move_blobs(src: Target, dst: Target, blobs: list[Descriptor], result: CopyResult, hooks: CopyHooks,

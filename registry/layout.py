@@ -87,6 +87,12 @@ class LayoutTarget:
         ref = Reference.parse(reference)
         return str(ref.with_tag(ref.tag)) if ref.tag else str(ref)
 
+    def sibling(self, reference: str | None, tag: str) -> str:
+        """In the store entries are named by full reference: ``host/repo:<tag>`` beside ``host/repo:v1``."""
+        if self.plain_tags or not reference or is_digest(reference):
+            return tag
+        return f"{Reference.parse(reference).name}:{tag}"
+
     def resolve(self, reference: str) -> Descriptor | None:
         if is_digest(reference):
             entry = next((e for e in self.store.entries() if e.digest == reference), None)

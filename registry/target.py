@@ -127,6 +127,28 @@ class TargetBlobSource:
         return self.target.fetch(self.descriptor, offset)
 
 
+class BytesSource:
+    """Blob content held in memory (small generated blobs: signatures, the split form's manifest blob)."""
+
+    def __init__(self, descriptor: Descriptor, content: bytes) -> None:
+        self.descriptor = descriptor
+        self.content = content
+
+    def open(self, offset: int = 0) -> Stream:
+        @contextlib.contextmanager
+        def stream() -> Iterator[tuple[int, Iterator[bytes]]]:
+            yield offset, iter([self.content[offset:]])
+
+        return stream()
+
+
+def sibling(target: Target, reference: str | None, tag: str) -> str:
+    """The reference naming ``tag`` in the repository ``reference`` lives in: targets that name entries by full
+    reference (the store) say so with a ``sibling`` method; registries and layouts use the bare tag."""
+    method = getattr(target, "sibling", None)
+    return method(reference, tag) if method is not None else tag
+
+
 def file_stream(opener: Callable[[], BinaryIO], offset: int) -> Stream:
     """A fetch over a local file."""
 
