@@ -514,6 +514,7 @@ def pair_separate_layers(names: Iterable[str]) -> tuple[dict[str, SeparateLayers
             groups[n] = SeparateLayers(n, n + LEGACY_SCALE_SUFFIX, qbias if qbias in present else None)
     used = {g.scale for g in groups.values()} | {g.qbias for g in groups.values() if g.qbias}
     orphans = [n for n in names if n.endswith(LEGACY_BIAS_SUFFIX) and n not in used]
+    used |= set(groups)
     if orphans:
         raise QuantizationError(orphans[0], [("QNT-003", f"{orphans[0]}: a {LEGACY_BIAS_SUFFIX} layer without its"
                                                          f" weight and {LEGACY_SCALE_SUFFIX} layers")])
