@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 
 # -- quantization types -----------------------------------------------------------------------------------
 
+#: The source dtypes a quantized tensor may have (and affine scales take).
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+
 
 @dataclass(frozen=True)
 class QuantType:
@@ -53,6 +56,11 @@ class QuantType:
     @property
     def has_biases(self) -> bool:
         return self.mode == "affine"
+
+    @property
+    def scale_dtypes(self) -> tuple[str, ...]:
+        """The scale dtypes a stored tensor of this type may have."""
+        return (self.scale_dtype,) if self.scale_dtype else FLOAT_DTYPES
 
     def packed_columns(self, in_features: int) -> int:
         return in_features * self.bits // 32
@@ -145,7 +153,6 @@ def should_quantize(component: str, key: str, shape: list[int], qtype: QuantType
 #: the logical shape): what a reader must know before fetching the blob.
 QUANT_ANNOTATION = "io.imgpack.quantization"
 PACKED_DTYPE = "U32"
-FLOAT_DTYPES = ("F32", "F16", "BF16")
 _ANNOTATION_KEYS = ("type", "bits", "groupSize", "mode", "packedDtype", "packedShape", "scaleDtype")
 
 
@@ -196,18 +203,21 @@ class QuantLayout:
         problems = []
         if doc["bits"] != base.bits or doc["mode"] != base.mode:
             problems.append(f"{base.name} is {base.bits}-bit {base.mode}, not {doc['bits']!r}-bit {doc['mode']!r}")
-        if doc["groupSize"] not in GROUP_SIZES[base.mode] or isinstance(doc["groupSize"], bool):
-            problems.append(f"groupSize {doc['groupSize']!r} is not valid for {base.mode}")
+        group = doc["groupSize"]
+        if type(group) is not int or group not in GROUP_SIZES[base.mode]:
+            problems.append(f"groupSize {group!r} is not valid for {base.mode}")
         if doc["packedDtype"] != PACKED_DTYPE:
             problems.append(f"packedDtype {doc['packedDtype']!r} must be {PACKED_DTYPE}")
-        if not (isinstance(shape, list) and len(shape) >= 2
-                and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        if not (isinstance(shape, list) and len(shape) >= 2 and all(type(d) is int and d > 0 for d in shape)):
             problems.append(f"packedShape {shape!r} must list two or more positive integers")
-        if doc["scaleDtype"] not in ((base.scale_dtype,) if base.scale_dtype else FLOAT_DTYPES):
+        elif type(group) is int and group and shape[-1] * 32 // base.bits % group:
+            problems.append(f"packedShape {shape!r} holds {shape[-1] * 32 // base.bits} in-features, not a"
+                            f" multiple of groupSize {group}")
+        if doc["scaleDtype"] not in base.scale_dtypes:
             problems.append(f"scaleDtype {doc['scaleDtype']!r} is not valid for {base.name}")
         if problems:
             raise ImgpackError(f"{where}: {QUANT_ANNOTATION}: " + "; ".join(problems))
-        return cls(base.with_group_size(doc["groupSize"]), tuple(shape), doc["scaleDtype"])
+        return cls(base.with_group_size(group), tuple(shape), doc["scaleDtype"])
 
     def descriptor_problems(self, dtype: str, shape: list[int], where: str) -> list[str]:
         """How a descriptor's logical ``dtype``/``shape`` disagree with this layout."""
@@ -405,9 +415,9 @@ def check_quantized(entries: Mapping[str, _HasDtypeShape], metadata: Mapping[str
     weight = entries[base]
     if weight.dtype != PACKED_DTYPE:
         problems.append(("QNT-004", f"{name}: packed weight is {weight.dtype}, not {PACKED_DTYPE}"))
-    if scale is not None and scale.dtype not in (qtype.scale_dtype or FLOAT_DTYPES):
+    if scale is not None and scale.dtype not in qtype.scale_dtypes:
         problems.append(("QNT-004", f"{name}: scales are {scale.dtype}, {label} needs"
-                                    f" {qtype.scale_dtype or ' or '.join(FLOAT_DTYPES)}"))
+                                    f" {' or '.join(qtype.scale_dtypes)}"))
     if scale is not None and bias is not None and bias.dtype != scale.dtype:
         problems.append(("QNT-004", f"{name}: biases are {bias.dtype}, scales {scale.dtype}"))
     if len(weight.shape) < 2:
