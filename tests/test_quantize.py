@@ -599,6 +599,26 @@ def test_cast_linear_upcasts_per_call() -> None:
     assert same(CastLinear(w)(x.astype(mx.bfloat16)), x.astype(mx.bfloat16) @ w.T)
 
 
+@pytest.mark.parametrize("form", ["int8", "int4", "bf16"])
+def test_stored_form_layers_expand_one_at_a_time(form: str) -> None:
+    """On CPU each call evaluates, so a chain of 8 layers peaks at one layer's expansion above the resident
+    weights (MLX's CPU dequantize holds 2x the float32 weight while it runs; a lazy graph of the same chain
+    expands all 8 before multiplying: ~13x)."""
+    side = 1024
+    weights = [mx.random.normal((side, side), key=mx.random.key(i)).astype(mx.bfloat16) for i in range(8)]
+    layers = [CastLinear(w) if form == "bf16" else QuantizedLinear(quantize(w, QUANT_TYPES[form])) for w in weights]
+    x = mx.random.normal((16, side), key=mx.random.key(9))
+    mx.eval(x, *[layer.parameters() for layer in layers])
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    for layer in layers:
+        x = layer(x)
+    mx.eval(x)
+    expanded = side * side * 4
+    assert mx.get_peak_memory() - base <= 2.5 * expanded, (mx.get_peak_memory() - base) / expanded
+
+
 class Tiny(nn.Module):
     def __init__(self) -> None:
         super().__init__()
