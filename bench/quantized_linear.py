@@ -13,9 +13,9 @@ import argparse
 import time
 from collections.abc import Callable
 
-from imgpack.packager.quantize import QUANT_TYPES, quantize
 from imgpack.runtime.backend import BLAS, device_name, mx
-from imgpack.runtime.common.quantized import CastLinear, QuantizedLinear
+from imgpack.runtime.common.quantized import CastLinear, QuantizedLinear, quantize
+from imgpack.schemas.quantized import QUANT_TYPES
 
 
 def best(fn: Callable[[], mx.array], repeat: int) -> float:

@@ -25,35 +25,35 @@ from ollama_layouts import (  # noqa: E402
     write_ollama_model,
 )
 
-from imgpack.packager.quantize import (  # noqa: E402
-    QUANT_ANNOTATION,
-    QUANT_TYPES,
-    QuantizationError,
+from imgpack.runtime.backend import mx, nn  # noqa: E402
+from imgpack.runtime.common.quantized import (  # noqa: E402
+    CastLinear,
+    QuantizedLinear,
     QuantizedTensor,
-    QuantLayout,
     blob_parts,
     blob_problems,
     decode_blob,
     decode_separate,
     dequantize,
     encode_blob,
-    encode_entries,
+    max_expanded_bytes,
+    quantize,
+    swap_linears,
+)
+from imgpack.runtime.common.quantized import blob_header as parse_header  # noqa: E402
+from imgpack.schemas.errors import ImgpackError  # noqa: E402
+from imgpack.schemas.quantized import (  # noqa: E402
+    QUANT_ANNOTATION,
+    QUANT_TYPES,
+    QuantizationError,
+    QuantLayout,
     is_quantized_blob,
     legacy_quant_type,
     pair_separate_layers,
-    parse_header,
     quant_type,
-    quantize,
     should_quantize,
 )
-from imgpack.runtime.backend import mx, nn  # noqa: E402
-from imgpack.runtime.common.quantized import (  # noqa: E402
-    CastLinear,
-    QuantizedLinear,
-    max_expanded_bytes,
-    swap_linears,
-)
-from imgpack.schemas.errors import ImgpackError  # noqa: E402
+from imgpack.schemas.safetensors import encode_entries  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 TINY = TESTS / "models" / "zimage-tiny"
@@ -275,7 +275,7 @@ def test_reads_mlx_writer_blobs(name: str, tmp_path: Path) -> None:
     path = tmp_path / "blob.safetensors"
     mx.save_safetensors(str(path), arrays, metadata={"quant_type": name, "group_size": str(qt.qtype.group_size)})
     blob = path.read_bytes()
-    assert [p[0] for p in blob_problems(blob, NAME)] == ["QNT-008"]
+    assert [p[0] for p in blob_problems(blob, NAME)] == ["TNS-009"]
     assert same_tensor(decode_blob(blob, NAME), qt)
     assert same_tensor(decode_blob(blob, NAME, qt.shape), qt)
     # a blob keyed by the bare name also reads (tolerated, not canonical)
@@ -309,26 +309,26 @@ def edited(**changes: tuple[str, list[int]] | None) -> dict[str, tuple[str, list
 
 
 BAD_BLOBS = {
-    "wrong scale shape": (edited(scale=("BF16", [95, 4])), INT8, None, "QNT-006", "scale shape [95, 4]"),
-    "wrong scale columns": (edited(scale=("BF16", [96, 3]), bias=("BF16", [96, 3])), INT8, [96, 256], "QNT-006",
+    "wrong scale shape": (edited(scale=("BF16", [95, 4])), INT8, None, "TNS-010", "scale shape [95, 4]"),
+    "wrong scale columns": (edited(scale=("BF16", [96, 3]), bias=("BF16", [96, 3])), INT8, [96, 256], "TNS-010",
                             "should be [96, 4]"),
-    "missing .scale": (edited(scale=None), INT8, None, "QNT-003", "missing '" + NAME + ".scale'"),
-    "unknown quant type": (GOOD, {"group_size": "64", "quant_type": "int3"}, None, "QNT-001", "'int3'"),
-    "no quant type": (GOOD, None, None, "QNT-001", "no quant_type"),
-    "packed size mismatch": (edited(weight=("U32", [96, 63])), INT8, [96, 256], "QNT-005",
+    "missing .scale": (edited(scale=None), INT8, None, "TNS-010", "missing '" + NAME + ".scale'"),
+    "unknown quant type": (GOOD, {"group_size": "64", "quant_type": "int3"}, None, "TNS-010", "'int3'"),
+    "no quant type": (GOOD, None, None, "TNS-010", "no quant_type"),
+    "packed size mismatch": (edited(weight=("U32", [96, 63])), INT8, [96, 256], "TNS-010",
                              "63 packed columns, but 256 in-features at 8 bits need 64"),
-    "packed vs scales": (edited(weight=("U32", [96, 32])), INT8, None, "QNT-005", "packed size mismatch"),
-    "packed dtype": (edited(weight=("BF16", [96, 64])), INT8, None, "QNT-004", "packed weight is BF16"),
-    "scale dtype": (edited(scale=("U8", [96, 4]), bias=("U8", [96, 4])), INT8, None, "QNT-004", "scales are U8"),
-    "bias dtype": (edited(bias=("F32", [96, 4])), INT8, None, "QNT-004", "biases are F32"),
+    "packed vs scales": (edited(weight=("U32", [96, 32])), INT8, None, "TNS-010", "packed size mismatch"),
+    "packed dtype": (edited(weight=("BF16", [96, 64])), INT8, None, "TNS-010", "packed weight is BF16"),
+    "scale dtype": (edited(scale=("U8", [96, 4]), bias=("U8", [96, 4])), INT8, None, "TNS-010", "scales are U8"),
+    "bias dtype": (edited(bias=("F32", [96, 4])), INT8, None, "TNS-010", "biases are F32"),
     "float scales on mxfp8": ({NAME: ("U32", [96, 64]), NAME + ".scale": ("BF16", [96, 8])},
-                              {"group_size": "32", "quant_type": "mxfp8"}, None, "QNT-004", "mxfp8 needs U8"),
-    "missing bias": (edited(bias=None), INT8, None, "QNT-003", "affine needs biases"),
+                              {"group_size": "32", "quant_type": "mxfp8"}, None, "TNS-010", "mxfp8 needs U8"),
+    "missing bias": (edited(bias=None), INT8, None, "TNS-010", "affine needs biases"),
     "bias on nvfp4": ({NAME: ("U32", [96, 32]), NAME + ".scale": ("U8", [96, 16]), NAME + ".bias": ("U8", [96, 16])},
-                      {"group_size": "16", "quant_type": "nvfp4"}, None, "QNT-003", "nvfp4 has no biases"),
-    "bad group size": (GOOD, {"group_size": "48", "quant_type": "int8"}, None, "QNT-002", "group_size '48'"),
-    "group vs in-features": (GOOD, INT8, [96, 250], "QNT-007", "does not divide the logical in-features 250"),
-    "stray key": ({**GOOD, "other": ("U8", [1])}, INT8, None, "QNT-003", "unexpected keys ['other']"),
+                      {"group_size": "16", "quant_type": "nvfp4"}, None, "TNS-010", "nvfp4 has no biases"),
+    "bad group size": (GOOD, {"group_size": "48", "quant_type": "int8"}, None, "TNS-010", "group_size '48'"),
+    "group vs in-features": (GOOD, INT8, [96, 250], "TNS-010", "does not divide the logical in-features 250"),
+    "stray key": ({**GOOD, "other": ("U8", [1])}, INT8, None, "TNS-010", "unexpected keys ['other']"),
 }
 
 
@@ -350,7 +350,7 @@ def test_the_good_fake_blob_passes() -> None:
 
 def test_truncated_blob_is_refused() -> None:
     blob = encode_blob(NAME, quantize(weight(), QUANT_TYPES["int8"]))
-    with pytest.raises(ImgpackError, match="do not fit"):
+    with pytest.raises(ImgpackError, match="run past the end of the data"):
         decode_blob(blob[:-1], NAME)
 
 
@@ -438,7 +438,7 @@ def test_reads_ollamas_combined_blobs(layout: str, ollama_dirs) -> None:
             continue
         quantized += 1
         assert should_quantize(*name.split("/", 1), shape, qtype)
-        assert [p[0] for p in blob_problems(blob, name, shape)] == ["QNT-008"]  # MLX's writer: not canonical
+        assert [p[0] for p in blob_problems(blob, name, shape)] == ["TNS-009"]  # MLX's writer: not canonical
         assert blob_problems(blob, name, shape)[0][1].startswith(name)
         got = decode_blob(blob, name, shape)
         assert same_tensor(got, quantize(bf16(raw, shape), qtype))

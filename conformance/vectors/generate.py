@@ -28,7 +28,7 @@ import numpy as np
 from imgpack.schemas import spec
 from imgpack.schemas.config import model_config
 from imgpack.schemas.manifest import Layer, encode_json, title_for
-from imgpack.schemas.quantized import QUANT_TYPES, QuantInfo
+from imgpack.schemas.quantized import QUANT_TYPES, QuantLayout
 from imgpack.schemas.safetensors import DTYPE_SIZES, encode_entries, encode_header
 
 HERE = Path(__file__).resolve().parent
@@ -236,15 +236,15 @@ def quantized_blob(name: str, qtype: str, shape: list[int], *, scale_shape: list
     rows, cols = shape
     packed = [rows, cols * q.bits // 32]
     scales = scale_shape or [rows, cols // q.group_size]
-    scale_dtype = "BF16" if q.affine else "U8"
+    scale_dtype = "BF16" if q.has_biases else "U8"
     entries = [(name, "U32", packed), (name + ".scale", scale_dtype, scales)]
-    if q.affine:
+    if q.has_biases:
         entries.append((name + ".bias", scale_dtype, scales))
     header = encode_entries(entries, {"group_size": str(q.group_size), "quant_type": q.name})
     data = b"".join(tensor_bytes(key, dtype, s) for key, dtype, s in sorted(entries))
-    info = QuantInfo(q.name, q.bits, q.group_size, q.mode, "U32", packed, scale_dtype)
+    info = QuantLayout(q, tuple(packed), scale_dtype)
     fields = {"dtype": "BF16", "shape": list(shape), "annotations": {spec.QUANTIZATION_ANNOTATION:
-                                                                     info.to_annotation()}}
+                                                                     info.annotation()}}
     return header + data, fields
 
 

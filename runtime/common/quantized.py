@@ -1,19 +1,192 @@
-"""Linear layers whose weights stay resident in their stored form (quantized, or bf16/f16) and expand per call.
+"""Quantized tensors in MLX: quantize and expand with MLX's own packing, blobs to arrays and back, and linear
+layers whose weights stay resident in their stored form (quantized, or bf16/f16) and expand per call.
 
-On Metal/CUDA MLX has fast kernels for both: ``mx.quantized_matmul`` and half-precision matmuls. On CPU it
-does not: ``mx.quantized_matmul`` runs at ~2-3 GFLOP/s, while expanding one layer's weight to float32 and
-handing it to OpenBLAS runs at ~100-200 GFLOP/s (see ``bench/quantized_linear.py``). So on CPU each call
-expands just this layer's weight, multiplies, and evaluates at once, so the expanded copy is freed before the
-next layer expands its own: memory is the stored weights plus one float32 layer.
+On Metal/CUDA MLX has fast kernels for both: ``mx.quantized_matmul`` and half-precision matmuls. On CPU it does
+not: ``mx.quantized_matmul`` runs at ~2-3 GFLOP/s, while expanding one layer's weight to float32 and handing it to
+OpenBLAS runs at ~100-200 GFLOP/s (see ``bench/quantized_linear.py``). So on CPU each call expands just this
+layer's weight, multiplies, and evaluates at once, so the expanded copy is freed before the next layer expands
+its own: memory is the stored weights plus one float32 layer. The formats themselves are
+:mod:`imgpack.schemas.quantized`'s.
 """
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
-from imgpack.packager.quantize import QuantizedTensor, QuantLayout, dequantize
 from imgpack.runtime.backend import is_cpu, mx, nn
+from imgpack.schemas import spec
 from imgpack.schemas.errors import ImgpackError
+from imgpack.schemas.quantized import (
+    BIAS_SUFFIX,
+    QUANT_TYPES,
+    SCALE_SUFFIX,
+    QuantizationError,
+    QuantLayout,
+    QuantType,
+    _split_keys,
+    check_quantized,
+)
+from imgpack.schemas.safetensors import Entry, encode_entries, read_header
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """MLX's quantized form of one tensor, resident as stored."""
+
+    qtype: QuantType
+    weight: mx.array  # uint32, [*rows, in_features * bits / 32]
+    scales: mx.array  # [*rows, in_features / group_size]; uint8 for nvfp4/mxfp8, else the source float dtype
+    biases: mx.array | None  # affine only: same shape and dtype as the scales
+
+    @property
+    def layout(self) -> QuantLayout:
+        return QuantLayout(self.qtype, tuple(self.weight.shape), _st_dtype(self.scales.dtype))
+
+    @property
+    def shape(self) -> list[int]:
+        return self.layout.shape
+
+
+def quantize(array: mx.array, qtype: QuantType) -> QuantizedTensor:
+    """Quantize with MLX's own packing (``mx.quantize``), evaluated. Affine scales take the input's float dtype;
+    a non-float input is cast to bfloat16 first, as ollama did."""
+    if array.ndim < 2 or array.shape[-1] % qtype.group_size:
+        raise ImgpackError(f"cannot quantize a {list(array.shape)} tensor to {qtype.name}: it needs two or more"
+                           f" dimensions and a last dimension divisible by {qtype.group_size}")
+    if not mx.issubdtype(array.dtype, mx.floating):
+        array = array.astype(mx.bfloat16)
+    out = mx.quantize(array, group_size=qtype.group_size, bits=qtype.bits, mode=qtype.mode)
+    mx.eval(*out)
+    return QuantizedTensor(qtype, out[0], out[1], out[2] if qtype.has_biases else None)
+
+
+def dequantize(qt: QuantizedTensor, dtype: mx.Dtype | None = None) -> mx.array:
+    """Expand to ``dtype`` (float32 by default), lazily; MLX's own ``mx.dequantize``.
+
+    Affine scales and biases are cast to ``dtype`` first (they are small): on CPU, MLX then computes in that
+    dtype directly, which is exact for bf16 scales, ~40 % faster, and peaks at 2x the expanded weight instead
+    of 3.5x (measured on mlx 0.32.4).
+    """
+    q = qt.qtype
+    dtype = dtype or mx.float32
+    scales, biases = qt.scales, qt.biases
+    if biases is not None:
+        scales, biases = scales.astype(dtype), biases.astype(dtype)
+    return mx.dequantize(qt.weight, scales, biases, group_size=q.group_size, bits=q.bits, mode=q.mode, dtype=dtype)
+
+
+
+# -- blobs -------------------------------------------------------------------------------------------------
+
+
+def blob_parts(name: str, qt: QuantizedTensor) -> list[bytes | memoryview]:
+    """imgpack's canonical combined blob for ``qt`` as buffers to write (or hash) in order, without joining."""
+    keyed = {name: qt.weight, name + SCALE_SUFFIX: qt.scales}
+    if qt.biases is not None:
+        keyed[name + BIAS_SUFFIX] = qt.biases
+    metadata = {"group_size": str(qt.qtype.group_size), "quant_type": qt.qtype.name}
+    header = encode_entries([(k, _st_dtype(a.dtype), list(a.shape)) for k, a in keyed.items()], metadata)
+    return [header, *(_buffer(keyed[k]) for k in sorted(keyed))]
+
+
+def encode_blob(name: str, qt: QuantizedTensor) -> bytes:
+    return b"".join(blob_parts(name, qt))
+
+
+def blob_header(data: bytes | memoryview, where: str) -> tuple[dict[str, Entry], dict[str, str] | None, int]:
+    """(entries, metadata, data start) of a blob in memory, any writer's form."""
+    header = read_header(io.BytesIO(data[: 8 + spec.MAX_TENSOR_BLOB_HEADER]), len(data), where)
+    return header.entries, header.metadata, header.data_start
+
+
+def blob_problems(data: bytes | memoryview, name: str, logical_shape: list[int] | None = None
+                  ) -> list[tuple[str, str]]:
+    """:func:`~imgpack.schemas.quantized.check_quantized` over a whole combined blob, plus TNS-009 when it is not
+    imgpack's canonical encoding (readers accept that: ollama wrote with MLX's writer; producers must not)."""
+    entries, metadata, start = blob_header(data, name)
+    problems = check_quantized(entries, metadata, name, logical_shape)
+    if not problems:
+        canonical = encode_entries([(e.key, e.dtype, e.shape) for e in entries.values()], metadata)
+        base, _ = _split_keys(entries, name)
+        size = start + sum(e.end - e.begin for e in entries.values())
+        if base != name or bytes(data[:start]) != canonical or len(data) != size:
+            problems.append(("TNS-009", f"{name}: not imgpack's canonical encoding (keyed by the layer name,"
+                                        " keys sorted, data in key order, header padded to 8 bytes)"))
+    return problems
+
+
+def decode_blob(data: bytes | memoryview, name: str, logical_shape: list[int] | None = None) -> QuantizedTensor:
+    """Read a combined quantized blob in any form ollama or imgpack wrote; raises :class:`QuantizationError`."""
+    entries, metadata, start = blob_header(data, name)
+    problems = check_quantized(entries, metadata, name, logical_shape)
+    if problems:
+        raise QuantizationError(name, problems)
+    assert metadata is not None
+    base, _ = _split_keys(entries, name)
+    assert base is not None
+    qtype = QUANT_TYPES[metadata["quant_type"]].with_group_size(int(metadata["group_size"]))
+    arrays = {k: _array(data, start, e) for k, e in entries.items()}
+    return QuantizedTensor(qtype, arrays[base], arrays[base + SCALE_SUFFIX], arrays.get(base + BIAS_SUFFIX))
+
+
+def decode_separate(name: str, weight: bytes | memoryview, scale: bytes | memoryview,
+                    qbias: bytes | memoryview | None, qtype: QuantType,
+                    logical_shape: list[int] | None = None) -> QuantizedTensor:
+    """Read January's three one-tensor blobs (any key, normally ``data``) as one tensor of ``qtype``."""
+    parts = {name: weight, name + SCALE_SUFFIX: scale}
+    if qbias is not None:
+        parts[name + BIAS_SUFFIX] = qbias
+    entries: dict[str, Entry] = {}
+    arrays = {}
+    for key, data in parts.items():
+        found, _, start = blob_header(data, key)
+        if len(found) != 1:
+            raise QuantizationError(name, [("TNS-010", f"{name}: layer {key!r} holds {len(found)} tensors, not one")])
+        (entry,) = found.values()
+        entries[key] = entry
+        arrays[key] = (data, start, entry)
+    metadata = {"group_size": str(qtype.group_size), "quant_type": qtype.name}
+    problems = check_quantized(entries, metadata, name, logical_shape)
+    if problems:
+        raise QuantizationError(name, problems)
+    out = {k: _array(*v) for k, v in arrays.items()}
+    return QuantizedTensor(qtype, out[name], out[name + SCALE_SUFFIX], out.get(name + BIAS_SUFFIX))
+
+
+# -- MLX <-> bytes ---------------------------------------------------------------------------------------
+
+_NUMPY = {"U8": "uint8", "U32": "uint32", "F32": "float32", "F16": "float16", "BF16": "uint16"}
+
+
+def _st_dtype(dtype: mx.Dtype) -> str:
+    names = {mx.uint8: "U8", mx.uint32: "U32", mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16"}
+    if dtype not in names:
+        raise ImgpackError(f"MLX dtype {dtype} has no place in a quantized blob")
+    return names[dtype]
+
+
+def _buffer(array: mx.array) -> memoryview:
+    mx.eval(array)
+    view = memoryview(array)
+    return view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
+
+
+def _array(data: bytes | memoryview, start: int, entry: Entry) -> mx.array:
+    import numpy as np
+    if entry.dtype not in _NUMPY:
+        raise ImgpackError(f"{entry.key}: dtype {entry.dtype} cannot be read here")
+    count = math.prod(entry.shape)
+    flat = np.frombuffer(data, dtype=_NUMPY[entry.dtype], count=count, offset=start + entry.begin)
+    if not flat.flags.aligned:  # MLX's writer does not align data
+        flat = flat.copy()
+    array = mx.array(flat.reshape(entry.shape))
+    return array.view(mx.bfloat16) if entry.dtype == "BF16" else array
+
+
+# -- layers ------------------------------------------------------------------------------------------------
 
 
 def _linear(x: mx.array, weight: mx.array, bias: mx.array | None, expanded: bool) -> mx.array:
