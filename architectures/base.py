@@ -97,8 +97,10 @@ class GenerationDefaults:
     height: int = 1024
     #: Sides must be multiples of this (the VAE's scale factor times the transformer's patch size).
     size_multiple: int = 16
-    min_side: int = 64
+    min_side: int = 16
     max_side: int = 2048
+    #: Classifier-free guidance runs (a second, negative batch row) only when guidance exceeds this.
+    guidance_threshold: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -116,3 +118,28 @@ class Architecture:
     #: The starting-noise shape for a seed, as a function of (height, width): documented portable seeds.
     noise_shape: Callable[[int, int], tuple[int, ...]] = field(default=lambda h, w: (1, 16, h // 8, w // 8))
     description: str = ""
+
+
+_SIZE_TEXT = __import__("re").compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+
+
+def parse_size(text: str, what: str = "--size") -> tuple[int, int]:
+    """``WxH`` -> (width, height): the one parser of image sizes (CLI, server, page). Raises UsageError."""
+    from imgpack.schemas.errors import UsageError
+
+    match = _SIZE_TEXT.match(text) if isinstance(text, str) else None
+    if not match:
+        raise UsageError(f"{what}: {text!r} is not WIDTHxHEIGHT (for example 1024x768)")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_size(width: int, height: int, defaults: GenerationDefaults, what: str = "--size",
+               allow_any_side: bool = False) -> None:
+    """The one rule for what sizes an architecture accepts: multiples of its patch grid, within its range."""
+    from imgpack.schemas.errors import UsageError
+
+    for side, value in (("width", width), ("height", height)):
+        if value <= 0 or value % defaults.size_multiple:
+            raise UsageError(f"{what}: {side} {value} is not a positive multiple of {defaults.size_multiple}")
+        if not allow_any_side and not defaults.min_side <= value <= defaults.max_side:
+            raise UsageError(f"{what}: {side} {value} is outside {defaults.min_side}..{defaults.max_side}")

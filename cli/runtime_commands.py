@@ -11,25 +11,27 @@ import datetime as dt
 import importlib.metadata
 import os
 import platform
-import re
 import secrets
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from imgpack.architectures.base import GenerationDefaults, check_size, parse_size
 from imgpack.schemas.errors import ImgpackError, UsageError
 
+#: What any architecture accepts, checked before a model is opened; each model checks its own rules again.
+GENERIC_SIZES = GenerationDefaults(steps=1, guidance=0.0, size_multiple=16, min_side=16, max_side=4096)
 INSTALL_HINT = "pip install 'imgpack[runtime]'"
-_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
 
 def check_run_args(args: argparse.Namespace) -> tuple[int, int, int, Path]:
     """Validate what ``imgpack run`` was given (in-process or --host alike); returns (width, height, seed, output)."""
     width, height = parse_size(args.size)
+    check_size(width, height, GENERIC_SIZES, allow_any_side=getattr(args, "force", False))
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps: {args.steps} must be at least 1")
-    if args.guidance < 0:
+    if args.guidance is not None and args.guidance < 0:
         raise UsageError(f"--guidance: {args.guidance} must not be negative")
     if not args.prompt.strip():
         raise UsageError("the prompt is empty")
@@ -48,25 +50,12 @@ def check_run_args(args: argparse.Namespace) -> tuple[int, int, int, Path]:
     return width, height, seed, output
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """``WxH`` -> (width, height); both positive multiples of 16 (usage error otherwise)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise UsageError(f"--size: {text!r} is not WIDTHxHEIGHT (for example 1024x768)")
-    width, height = int(match.group(1)), int(match.group(2))
-    for what, value in (("width", width), ("height", height)):
-        if value <= 0 or value % 16:
-            raise UsageError(f"--size: {what} {value} is not a positive multiple of 16")
-    return width, height
-
-
-def _import_runtime():  # noqa: ANN202 - returns the pipeline module
-    """Import the MLX pipeline, turning a missing optional dependency into an install hint."""
+def _import_runtime() -> None:
+    """Import MLX, turning a missing optional dependency into an install hint."""
     try:
-        from imgpack.runtime.zimage import pipeline
+        from imgpack.runtime import backend  # noqa: F401 - the import is the check
     except ImportError as e:
         raise ImgpackError(f"the MLX runtime is not available ({e}); install it with: {INSTALL_HINT}") from None
-    return pipeline
 
 
 def default_output(seed: int) -> Path:
@@ -99,49 +88,56 @@ def cmd_run(args: argparse.Namespace) -> int:
     width, height, seed, output = check_run_args(args)
     quiet = getattr(args, "quiet", False)
     verbose = args.verbose and not quiet
+    as_json = getattr(args, "json", False)
 
     def say(message: str) -> None:
-        if not quiet:
+        if not quiet and not as_json:
             print(message, flush=True)
 
     def log(message: str) -> None:
         if verbose:
             print(f"  {message}", file=sys.stderr, flush=True)
 
-    pipeline = _import_runtime()
-    from imgpack.runtime import backend
+    _import_runtime()
+    from imgpack.cli.ui import emit_json
+    from imgpack.runtime import backend, open_directory, open_pipeline
+    from imgpack.runtime.common.pipeline import GenerationRequest, Image, Stage, Step, save_png
     from imgpack.store.store import Store
 
     if verbose:
-        precision = "float32" if backend.is_cpu() else "the weights' dtype"
+        precision = "float32 (weights resident as the memory plan says)" if backend.is_cpu() else "the weights' dtype"
         log(f"mlx {backend.mx.__version__} on {backend.device_name()}, computing in {precision}")
         log(f"BLAS: {backend.BLAS.describe()}")
-    store = Store.open(args.store)
-    model = pipeline.ZImageModel.open(store, args.ref, log=log, keep_loaded=False)
-    request = pipeline.GenerationRequest(
-        prompt=args.prompt,
-        width=width,
-        height=height,
-        steps=args.steps or pipeline.DEFAULT_STEPS,
-        seed=seed,
-        guidance=args.guidance,
-        negative=args.negative or "",
-    )
+    if args.ref.startswith(("/", "./", "../", "~")) and Path(args.ref).expanduser().is_dir():
+        model = open_directory(Path(args.ref).expanduser(), log=log, keep_loaded=False, force=args.force)
+    else:
+        model = open_pipeline(Store.open(args.store), args.ref, log=log, keep_loaded=False, force=args.force)
+    request = GenerationRequest(prompt=args.prompt, width=width, height=height, steps=args.steps, seed=seed,
+                                guidance=args.guidance, negative=args.negative or "")
+    request = model.resolve(request)
     model.plan_memory(request)
-    if verbose:
-        log(f"compute dtype {model.dtype}, seed {seed}")
+    log(f"{model.architecture.name}: {request.steps} steps, guidance {request.guidance}, seed {seed}")
+    if as_json:
+        emit_json({"event": "started", "operation": "run", "model": args.ref, "seed": seed, "steps": request.steps,
+                   "width": request.width, "height": request.height})
     image = None
-    for event in pipeline.generate(model, request):
-        if isinstance(event, pipeline.Stage):
+    for event in model.generate(request):
+        if isinstance(event, Stage):
             log(event.name)
-        elif isinstance(event, pipeline.Step):
+        elif isinstance(event, Step):
             say(f"Generating: step {event.index}/{event.total}")
+            if as_json:
+                emit_json({"event": "step", "step": event.index, "total": event.total,
+                           "seconds": round(event.seconds, 3)})
             log(f"step {event.index} took {event.seconds:.2f}s")
-        elif isinstance(event, pipeline.Image):
+        elif isinstance(event, Image):
             image = event
     assert image is not None
-    pipeline.save_png(image.pixels, output)
+    save_png(image.pixels, output)
+    say(f"Generated in {image.seconds:.1f} s with seed {seed}")
     say(f"Saved {output}")
+    if as_json:
+        emit_json({"event": "saved", "path": str(output), "seed": seed, "seconds": round(image.seconds, 3)})
     if args.open:
         open_image(output)
     return 0
@@ -183,7 +179,8 @@ def cmd_run_any(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("run", parents=[common], help="generate an image from a stored model with MLX",
                        description="Generate an image from a stored model with MLX (or on a server with --host).")
-    p.add_argument("ref", metavar="REF", help="model reference in the store (pull it first)")
+    p.add_argument("ref", metavar="REF", help="a stored model (pull it first), or a directory of layer files (an"
+                   " oras pull, a Kubernetes image volume)")
     p.add_argument("prompt", metavar="PROMPT", help="what to draw")
     p.add_argument("-o", "--output", metavar="FILE", help="PNG to write (default: imgpack-<time>-<seed>.png here)")
     p.add_argument("--size", default="1024x1024", metavar="WxH", help="image size, multiples of 16 (default 1024x1024)")
@@ -191,11 +188,14 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    " Z-Image-Turbo)")
     p.add_argument("--seed", type=int, metavar="S", help="noise seed; the same seed gives the same image everywhere")
     p.add_argument("--negative", metavar="TEXT", help="negative prompt (used only with --guidance > 0)")
-    p.add_argument("--guidance", type=float, default=0.0, metavar="G", help="CFG scale; 0 disables (default 0)")
+    p.add_argument("--guidance", type=float, metavar="G", help="guidance scale (default: the architecture's; 0 for"
+                   " Z-Image-Turbo)")
     p.add_argument("--open", action="store_true", help="show the image when done")
     p.add_argument("-v", "--verbose", action="store_true", help="report device, BLAS, memory and timings")
     p.add_argument("--host", metavar="HOST[:PORT]", help="generate on a running 'imgpack serve' instead of in this"
                    " process")
+    p.add_argument("--force", action="store_true", help="run even when the memory check says it will not fit"
+                   " (also IMGPACK_MEMORY_CHECK=0), and allow sizes outside the architecture's range")
     p.set_defaults(func=cmd_run_any)
 
     p = sub.add_parser("doctor", parents=[common], help="check the MLX runtime: versions, device, BLAS and matmul"

@@ -215,7 +215,9 @@ def run_remote(args: argparse.Namespace) -> int:
     width, height, seed, output = check_run_args(args)
     quiet = getattr(args, "quiet", False)
     body: dict[str, Any] = {"model": args.ref, "prompt": args.prompt, "size": f"{width}x{height}", "seed": seed,
-                            "guidance": args.guidance, "response_format": "b64_json"}
+                            "response_format": "b64_json"}
+    if args.guidance is not None:
+        body["guidance"] = args.guidance
     if args.steps is not None:
         body["steps"] = args.steps
     if args.negative:

@@ -30,7 +30,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     with ui.byte_progress(f"Packing {args.name}", enabled=not (_quiet(args) or args.json)) as bar:
         result = create_model(
             store, args.name, args.directory, fmt=args.format, exclude=args.exclude, timestamp=args.timestamp,
-            follow_external_links=args.follow_external_links,
+            follow_external_links=args.follow_external_links, quantize=args.quantize, dtype=args.dtype,
             progress=bar.advance, plan_done=bar.set_total,
         )
     if args.json:
@@ -39,12 +39,33 @@ def cmd_create(args: argparse.Namespace) -> int:
     if not _quiet(args):
         ui.out.print(
             f"Created {markup_safe(result.reference)} ({result.digest})\n"
-            f"  layers: {result.layers} ({result.tensors} tensors), {ui.human_bytes(result.total_bytes)}\n"
+            f"  layers: {result.layers} ({result.tensors} tensors"
+            f"{f', {result.quantized} quantized' if result.quantized else ''}"
+            f"{f', {result.cast} cast' if result.cast else ''}), {ui.human_bytes(result.total_bytes)}\n"
             f"  new blobs: {result.new_blobs} ({ui.human_bytes(result.new_bytes)}),"
             f" already stored: {result.reused_blobs}, unchanged files not re-read: {result.cached_files}"
         )
         if result.skipped:
             ui.out.print(f"  skipped (legacy weights or --exclude): {markup_safe(', '.join(result.skipped))}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from imgpack.packager.convert import convert_model
+
+    store = _store(args)
+    if args.json:
+        emit_json({"event": "started", "operation": "convert", "source": args.source, "target": args.target})
+    with ui.byte_progress(f"Converting {args.source}", enabled=not (_quiet(args) or args.json)) as bar:
+        result = convert_model(store, args.source, args.target, quantize=args.quantize, dtype=args.dtype,
+                               progress=bar.advance, plan_done=bar.set_total)
+    if args.json:
+        emit_json({"event": "converted", **result.__dict__})
+    elif not _quiet(args):
+        ui.out.print(f"Converted {markup_safe(args.source)} -> {markup_safe(result.reference)} ({result.digest})\n"
+                     f"  {result.quantized} tensors quantized, {result.cast} cast, {result.unchanged} unchanged"
+                     f" (shared with the source); new blobs: {result.new_blobs}"
+                     f" ({ui.human_bytes(result.new_bytes)}), total {ui.human_bytes(result.total_bytes)}")
     return 0
 
 
@@ -227,6 +248,17 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _storage_options(p: argparse.ArgumentParser) -> None:
+    from imgpack.schemas.quantized import ALIASES, QUANT_TYPES
+
+    p.add_argument("--quantize", metavar="TYPE", choices=[*QUANT_TYPES, *ALIASES],
+                   help="store the transformer's and text encoder's linear weights quantized: int8, int4, mxfp8 or"
+                        " nvfp4 (aliases q8, q4, fp8, fp4); needs the runtime extra (MLX)")
+    p.add_argument("--dtype", choices=("bf16", "f16", "f32"),
+                   help="cast every other floating-point tensor to this dtype (the real Z-Image-Turbo transformer is"
+                        " f32 on disk: bf16 halves it)")
+
+
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     def add(name: str, help_text: str, **kw: Any) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], help=help_text, description=help_text[0].upper() +
@@ -240,7 +272,14 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--timestamp", action="store_true", help="record the creation time (changes the digest)")
     p.add_argument("--follow-external-links", action="store_true",
                    help="pack what symbolic links leaving the model folder point to (refused by default)")
+    _storage_options(p)
     p.set_defaults(func=cmd_create)
+
+    p = add("convert", "write a quantized or cast copy of a stored model (unchanged tensors share its blobs)")
+    p.add_argument("source", metavar="SRC", help="a stored model")
+    p.add_argument("target", metavar="DST", help="the new model's name")
+    _storage_options(p)
+    p.set_defaults(func=cmd_convert)
 
     p = add("export", "rebuild a diffusers directory from the store, bit-exact")
     p.add_argument("ref", metavar="REF", help="a stored model")

@@ -33,7 +33,7 @@ from imgpack.schemas.digest import is_digest
 from imgpack.schemas.errors import ImgpackError
 from imgpack.schemas.manifest import title_for
 from imgpack.schemas.names import name_problem
-from imgpack.schemas.quantized import blob_quantization
+from imgpack.schemas.quantized import blob_quantization, legacy_quant_type, pair_separate_layers
 from imgpack.schemas.validate import schema
 
 
@@ -135,6 +135,7 @@ class ArtifactCheck:
         self._tensor_blobs()
         self._files()
         self._header_layers()
+        self._january_quantized()
         self._config_summary()
         self._architecture()
         for check in ARTIFACT_CHECKS:
@@ -442,7 +443,7 @@ class ArtifactCheck:
     def _tensor_header(self, desc: Desc) -> tuple[str, list[int]] | None:
         """Check one tensor blob's header; returns its (logical dtype, shape) when they can be known."""
         size = self.blob_sizes[desc.digest]
-        layer = {"mediaType": desc.media_type, "dtype": desc.dtype, "shape": desc.shape,
+        layer = {"mediaType": desc.media_type, "name": desc.name, "dtype": desc.dtype, "shape": desc.shape,
                  "annotations": desc.annotations if isinstance(desc.annotations, dict) else {}}
 
         def read(offset: int, length: int) -> bytes:
@@ -550,6 +551,38 @@ class ArtifactCheck:
                 end = stop
         if "FIL-004" not in r.ran:
             r.add("FIL-004", PASS, "header layers", f"{count} header layers match their tensors")
+
+    def _january_quantized(self) -> None:
+        """ollama's January form: ``name``, ``name_scale``, ``name_qbias`` layers make one quantized tensor, whose
+        type only model_index.json's ``quantization`` label gives. The three count as one logical tensor."""
+        groups, _ = pair_separate_layers(list(self.tensors))
+        if not groups:
+            return
+        index = self.files.get("model_index.json")
+        label = index.get("quantization") if isinstance(index, dict) else None
+        try:
+            qtype = legacy_quant_type(label) if isinstance(label, str) else None
+        except ImgpackError as e:
+            qtype = None
+            self.fail("TNS-010", "model_index.json", str(e))
+        for name, group in groups.items():
+            info = self.tensors[name]
+            scale = self.tensors.get(group.scale)
+            for extra in (group.scale, group.qbias):
+                if extra:
+                    self.tensors.pop(extra, None)
+            if qtype is None or info.shape is None or scale is None or scale.shape is None:
+                if qtype is None and isinstance(label, str) is False:
+                    self.fail("TNS-010", f"layer {name!r}", "quantized in ollama's January form, but"
+                                                            " model_index.json has no 'quantization' label")
+                continue
+            in_features = info.shape[-1] * 32 // qtype.bits
+            if not scale.shape or in_features % scale.shape[-1] or scale.shape[:-1] != info.shape[:-1]:
+                self.fail("TNS-010", f"layer {name!r}", f"packed {info.shape} and scales {scale.shape} do not make a"
+                                                        f" {qtype.bits}-bit tensor")
+                continue
+            info.shape = [*info.shape[:-1], in_features]
+            info.dtype = scale.dtype
 
     def _config_summary(self) -> None:
         """CFG-002: the config's summary agrees with the layers (recommended: nothing loads from it)."""

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from imgpack.packager.source_dir import ModelDir, scan_model_dir
+from imgpack.packager.transform import StoragePolicy, Transform, transform_tensor
 from imgpack.schemas import spec
 from imgpack.schemas.config import model_config
 from imgpack.schemas.digest import sha256_bytes
@@ -34,7 +35,7 @@ from imgpack.store.store import Store
 
 SMALL_TENSOR = 16 * 1024 * 1024
 CHUNK = 4 * 1024 * 1024
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class TensorJob:
     name: str
     entry: Entry
     file: SourceFile
+    transform: Transform | None = None
     layer: Layer | None = None
     new: bool = False  # this run wrote the blob (so it can be withdrawn if the source changed underneath)
 
@@ -73,6 +75,8 @@ class CreateResult:
     reused_blobs: int
     cached_files: int
     skipped: list[str] = field(default_factory=list)
+    quantized: int = 0
+    cast: int = 0
 
 
 ProgressFn = Callable[[int], None]
@@ -92,8 +96,10 @@ def read_weights_header(path: Path, rel: str) -> SourceFile:
 class _Cache:
     """Digests of already-packed files, keyed by (path, size, mtime_ns, inode); one JSON file per store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, policy: StoragePolicy) -> None:
         self.path = store.state_dir / "create-cache.json"
+        #: Digests depend on how tensors are stored: entries are kept per storage policy.
+        self.variant = f"|q={policy.quant.name if policy.quant else ''}|d={policy.dtype or ''}"
         self.entries: dict[str, dict] = {}
         with contextlib.suppress(OSError, ValueError):
             data = json.loads(self.path.read_bytes())
@@ -101,10 +107,9 @@ class _Cache:
                 self.entries = data["files"]
         self.lock = threading.Lock()
 
-    @staticmethod
-    def key(path: Path) -> str:
+    def key(self, path: Path) -> str:
         st = os.stat(path)
-        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}{self.variant}"
 
     def get(self, path: Path) -> dict | None:
         return self.entries.get(self.key(path))
@@ -143,12 +148,41 @@ def _pack_tensor(store: Store, job: TensorJob, counters: _Counters, progress: Pr
         raise ImgpackError(f"{job.file.path}: tensor {job.entry.key!r}: {e.strerror or e}") from None
 
 
+def _pack_transformed(store: Store, job: TensorJob, counters: _Counters, progress: ProgressFn | None) -> Layer:
+    """Quantize or cast one tensor (bounded: one tensor in memory per worker) and store its new blob."""
+    t = job.entry
+    assert job.transform is not None
+    with open(job.file.path, "rb", buffering=0) as f:
+        f.seek(job.offset)
+        data = f.read(t.nbytes)
+    if len(data) != t.nbytes:
+        raise ImgpackError(f"{job.file.path}: tensor {t.key!r}: file shrank while reading")
+    parts, dtype, shape, annotations = transform_tensor(job.name, data, t.dtype, t.shape, job.transform)
+    del data
+    with store.writer() as w:
+        for part in parts:
+            w.write(part)
+        digest = w.current_digest()
+        job.new = not store.has_blob(digest, w.size)
+        if job.new:
+            w.commit(digest, w.size)
+        else:
+            w.abort()
+        size = w.size
+    if progress:
+        progress(t.nbytes)
+    counters.add(job.new, size)
+    return tensor_layer(job.name, digest, size, dtype, shape, annotations)
+
+
 def _pack_tensor_unchecked(store: Store, job: TensorJob, counters: _Counters, progress: ProgressFn | None) -> Layer:
     """Hash the tensor's bytes, then copy them into a blob only if the store lacks that digest.
 
     Small tensors are read once into memory; large ones are hashed in chunks and then copied file-to-file
     in the kernel (copy_file_range), so their bytes never pass through Python twice.
     """
+    if job.transform is not None:
+        return _pack_transformed(store, job, counters, progress)
     t = job.entry
     header = encode_header(t.dtype, t.shape)
     size = len(header) + t.nbytes
@@ -235,9 +269,11 @@ class _Plan:
     jobs: list[TensorJob]
     plain: list[tuple[Path, str, str]]
     skipped: list[str]
+    #: Components whose tensors are quantized or cast: their source header layers are not carried.
+    changed: set[str]
 
 
-def _plan(scan: ModelDir, exclude: list[str]) -> _Plan:
+def _plan(scan: ModelDir, exclude: list[str], policy: StoragePolicy) -> _Plan:
     """Parse and check every header, validate every name, before writing anything."""
 
     def wanted(rel: str) -> bool:
@@ -264,10 +300,18 @@ def _plan(scan: ModelDir, exclude: list[str]) -> _Plan:
                     " exclude one of the files with --exclude"
                 )
             owner[name] = rel
-            jobs.append(TensorJob(name, entry, source))
+            component, _, key = name.partition("/")
+            transform = policy.for_tensor(component, key, entry.dtype, entry.shape) if key else None
+            jobs.append(TensorJob(name, entry, source, transform))
+    # A component whose tensors change no longer matches its source files' headers or shard indexes: export
+    # writes it as one standard file instead, so those layers are not carried.
+    changed = {job.name.split("/", 1)[0] for job in jobs if job.transform is not None}
     plain: list[tuple[Path, str, str]] = []
     for rel, path in sorted(scan.others.items()):
         if not wanted(rel):
+            skipped.append(rel)
+            continue
+        if rel.endswith(".safetensors.index.json") and rel.split("/", 1)[0] in changed:
             skipped.append(rel)
             continue
         check_name(rel, str(path))
@@ -277,7 +321,7 @@ def _plan(scan: ModelDir, exclude: list[str]) -> _Plan:
     if not jobs:
         raise ImgpackError(f"{scan.root}: no .safetensors weights found")
     check_tree([job.name for job in jobs] + [rel for _, rel, _ in plain], str(scan.root))
-    return _Plan(files, jobs, plain, skipped)
+    return _Plan(files, jobs, plain, skipped, changed)
 
 
 def create_model(
@@ -289,6 +333,8 @@ def create_model(
     exclude: list[str] | None = None,
     timestamp: bool = False,
     follow_external_links: bool = False,
+    quantize: str | None = None,
+    dtype: str | None = None,
     workers: int | None = None,
     progress: ProgressFn | None = None,
     plan_done: Callable[[int], None] | None = None,
@@ -299,14 +345,15 @@ def create_model(
     reference = Reference.parse(ref)
     if reference.digest:
         raise ImgpackError(f"{ref}: a model name cannot contain a digest; use NAME[:TAG]")
+    policy = StoragePolicy.parse(quantize, dtype)
     scan = scan_model_dir(Path(directory), follow_external_links=follow_external_links)
-    plan = _plan(scan, list(exclude or []))
+    plan = _plan(scan, list(exclude or []), policy)
     jobs = plan.jobs
     stats_before = {f.rel: os.stat(f.path) for f in plan.files}
     if plan_done:
         plan_done(sum(j.entry.nbytes for j in jobs))
 
-    cache = _Cache(store)
+    cache = _Cache(store, policy)
     counters = _Counters()
     cached_files = 0
     with store.writing():
@@ -320,8 +367,8 @@ def create_model(
             hit = cache.get(source.path)
             if hit and _cache_hit_usable(store, hit, file_jobs):
                 for job in file_jobs:
-                    digest, size = hit["tensors"][job.entry.key]
-                    job.layer = tensor_layer(job.name, digest, size, job.entry.dtype, job.entry.shape)
+                    digest, size, dtype, shape, annotations = hit["tensors"][job.entry.key]
+                    job.layer = tensor_layer(job.name, digest, size, dtype, shape, annotations)
                     counters.add(False, size)
                 cached_files += 1
                 if progress:
@@ -349,11 +396,14 @@ def create_model(
                         store.blob_path(job.layer.digest).unlink(missing_ok=True)
                 raise ImgpackError(f"{source.path}: file changed while it was being packed; run create again")
             cache.put(source.path, {
-                "tensors": {j.entry.key: [j.layer.digest, j.layer.size] for j in by_file.get(source.rel, [])
-                            if j.layer}
+                "tensors": {j.entry.key: [j.layer.digest, j.layer.size, j.layer.dtype, j.layer.shape,
+                                          {k: v for k, v in j.layer.annotations.items() if k != spec.TITLE_ANNOTATION}]
+                            for j in by_file.get(source.rel, []) if j.layer}
             })
         header_layers = []
         for source in plan.files:
+            if source.rel.split("/", 1)[0] in plan.changed:
+                continue
             prefix = source.header.prefix
             new = not store.has_blob(sha256_bytes(prefix), len(prefix))
             digest, size = store.put_bytes(prefix)
@@ -362,7 +412,9 @@ def create_model(
         file_layers = [_pack_file(store, path, rel, media_type, counters) for path, rel, media_type in plan.plain]
         tensor_layers = sorted((job.layer for job in jobs if job.layer), key=lambda layer: layer.name or "")
         created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if timestamp else None
-        config = model_config(scan.model_index, tensor_layers, created)
+        quantized = sum(1 for job in jobs if job.transform is not None and job.transform.quant is not None)
+        cast = sum(1 for job in jobs if job.transform is not None and job.transform.dtype is not None)
+        config = model_config(scan.model_index, tensor_layers, created, policy.config_record(quantized, cast))
         config_raw = encode_json(config)
         config_digest, config_size = store.put_bytes(config_raw)
         config_type = spec.CONFIG_MEDIA_TYPE if fmt == "oci" else spec.OLLAMA_CONFIG_MEDIA_TYPE
@@ -383,6 +435,8 @@ def create_model(
         reused_blobs=counters.reused,
         cached_files=cached_files,
         skipped=sorted(plan.skipped),
+        quantized=quantized,
+        cast=cast,
     )
 
 
@@ -392,6 +446,6 @@ def _cache_hit_usable(store: Store, hit: dict, jobs: list[TensorJob]) -> bool:
         return False
     for job in jobs:
         entry = tensors.get(job.entry.key)
-        if not entry or not store.has_blob(entry[0], entry[1]):
+        if not entry or len(entry) != 5 or not store.has_blob(entry[0], entry[1]):
             return False
     return True

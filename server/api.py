@@ -12,15 +12,19 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from imgpack.architectures.base import GenerationDefaults, check_size
+from imgpack.architectures.base import parse_size as parse_size_text
 from imgpack.schemas.errors import UsageError
 from imgpack.schemas.reference import Reference
 
 DEFAULT_HOST = "127.0.0.1"  # loopback unless told otherwise
 DEFAULT_PORT = 8420
 DEFAULT_SIZE = "1024x1024"
-DEFAULT_STEPS = 8  # Z-Image-Turbo's distilled step count (the pipeline's default too)
 MAX_SIDE = 2048
 SIZE_MULTIPLE = 16
+#: What a request may ask for before its model is known (each model checks its own rules again).
+SERVER_SIZES = GenerationDefaults(steps=1, guidance=0.0, size_multiple=SIZE_MULTIPLE, min_side=SIZE_MULTIPLE,
+                                  max_side=MAX_SIDE)
 MAX_N = 10  # OpenAI's own limit for n
 MAX_STEPS = 100
 MAX_PROMPT_CHARS = 32000
@@ -38,7 +42,6 @@ KNOWN_FIELDS = frozenset({
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 MAX_PARTIAL_IMAGES = 3  # OpenAI's limit
 
-_SIZE = re.compile(r"^([0-9]{1,5})[xX]([0-9]{1,5})$")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -86,7 +89,7 @@ class ImageJobSpec:
     response_format: str = "b64_json"
     stream: bool = False
     seed: int = 0
-    steps: int = DEFAULT_STEPS
+    steps: int | None = None  # None: the model's architecture's default
     guidance: float = 0.0
     negative_prompt: str = ""
     keep_alive: float | None = None  # seconds; None = the server's default; inf = never unload
@@ -98,13 +101,14 @@ class ImageJobSpec:
     def size(self) -> str:
         return f"{self.width}x{self.height}"
 
-    def preview_steps(self) -> tuple[int, ...]:
+    def preview_steps(self, steps: int | None = None) -> tuple[int, ...]:
         """The steps after which a partial image is sent: ``partial_images`` evenly spaced ones before the last
-        (fewer when there are not that many steps, as OpenAI allows)."""
-        if not self.partial_images or self.steps < 2:
+        (fewer when there are not that many steps, as OpenAI allows). ``steps`` is the resolved step count."""
+        steps = steps or self.steps or 0
+        if not self.partial_images or steps < 2:
             return ()
         k = self.partial_images
-        return tuple(sorted({min(self.steps - 1, max(1, round(self.steps * (i + 1) / (k + 1)))) for i in range(k)}))
+        return tuple(sorted({min(steps - 1, max(1, round(steps * (i + 1) / (k + 1)))) for i in range(k)}))
 
 
 def parse_model(value: Any, field: str = "model") -> Reference:
@@ -122,12 +126,11 @@ def parse_model(value: Any, field: str = "model") -> Reference:
 def parse_size(value: Any) -> tuple[int, int]:
     if value is None or value == "auto":
         value = DEFAULT_SIZE
-    if not isinstance(value, str) or not (match := _SIZE.match(value)):
-        raise bad("size", f"{value!r} is not WIDTHxHEIGHT (for example \"1024x1024\")")
-    width, height = int(match.group(1)), int(match.group(2))
-    for what, side in (("width", width), ("height", height)):
-        if side < SIZE_MULTIPLE or side > MAX_SIDE or side % SIZE_MULTIPLE:
-            raise bad("size", f"{what} {side} must be a multiple of {SIZE_MULTIPLE} from {SIZE_MULTIPLE} to {MAX_SIDE}")
+    try:
+        width, height = parse_size_text(value, "size")
+        check_size(width, height, SERVER_SIZES, "size")
+    except UsageError as e:
+        raise bad("size", str(e).removeprefix("size: ")) from None
     return width, height
 
 
@@ -216,7 +219,7 @@ def parse_generation(body: Any) -> ImageJobSpec:
     seed = _int(body, "seed", -1, 0, MAX_SEED - MAX_N)
     if seed < 0:
         seed = secrets.randbits(32)
-    steps = _int(body, "steps", DEFAULT_STEPS, 1, MAX_STEPS)
+    steps = None if body.get("steps") is None else _int(body, "steps", 1, 1, MAX_STEPS)
     guidance = body.get("guidance", 0.0)
     if guidance is None:
         guidance = 0.0

@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from imgpack.schemas.errors import ImgpackError, NotFoundError, UsageError
@@ -65,13 +65,15 @@ class Job:
     events: queue.Queue = field(default_factory=queue.Queue)
     state: str = "queued"  # queued, running, done, failed, cancelled
     steps_done: int = 0
+    #: Steps per image once the model said its default (a request may leave ``steps`` out).
+    steps_per_image: int | None = None
     load_seconds: float = 0.0  # the part of this job spent loading its model
     submitted: float = field(default_factory=time.time)
     finished: float | None = None
 
     @property
     def total_steps(self) -> int:
-        return self.spec.steps * self.spec.n
+        return (self.steps_per_image or self.spec.steps or 0) * self.spec.n
 
     def summary(self) -> dict[str, Any]:
         return {"id": self.id, "model": self.model_name, "state": self.state, "step": self.steps_done,
@@ -88,7 +90,7 @@ class LoadedModel:
     keep_alive: float
     jobs: collections.deque[Job] = field(default_factory=collections.deque)
     running: Job | None = None
-    model: Any = None  # ZImageModel once loaded
+    model: Any = None  # the Pipeline once loaded
     size: int = 0
     loaded_at: float | None = None
     idle_since: float = field(default_factory=time.time)
@@ -111,16 +113,17 @@ class LoadedModel:
 def default_loader(store: Store, name: str, width: int = 1024, height: int = 1024, batch: int = 1) -> Any:
     """Open and fully load a model (the server pays the load once, not per request).
 
-    The server keeps all three networks resident, so it checks, before loading anything, that they fit together
-    with the working memory of the request that asked for the load (its own size and batch); a model that does
-    not fit is refused with the memory message instead of being killed part-way through loading.
+    The server keeps every network resident, so it checks, before loading anything, that they fit together with
+    the working memory of the request that asked for the load (its own size and batch); a model that does not fit
+    is refused with the memory message instead of being killed part-way through loading.
     """
+    from imgpack.runtime import open_pipeline
     from imgpack.runtime.backend import available_memory
     from imgpack.runtime.common.loader import check_memory
-    from imgpack.runtime.zimage.pipeline import ZImageModel
 
-    model = ZImageModel.open(store, name)
-    need = sum(model.weight_bytes().values()) + model.activation_bytes(width, height, batch)
+    model = open_pipeline(store, name)
+    need = sum(model.weight_bytes().values()) + model.activation_bytes(width, height, batch) + \
+        model.expanded_layer_bytes()
     check_memory(need, available_memory(), f"model {name} at {width}x{height} (the server keeps all of it loaded)")
     model.load()
     model.keep_text_encoder = True
@@ -142,24 +145,26 @@ def run_job(model: Any, name: str, job: Job, encode: Callable[[Any], bytes]) -> 
     caller records it), everything the client should hear about becomes ``JobFailed``.
     """
     from imgpack.runtime.backend import available_memory
+    from imgpack.runtime.common import pipeline
     from imgpack.runtime.common.loader import InsufficientMemory, check_memory
-    from imgpack.runtime.zimage import pipeline
 
     spec = job.spec
-    batch = 2 if spec.guidance > 0 else 1
-    previews = spec.preview_steps()
     images = []
     try:
+        first = model.resolve(pipeline.GenerationRequest(
+            prompt=spec.prompt, width=spec.width, height=spec.height, steps=spec.steps, seed=spec.seed,
+            guidance=spec.guidance, negative=spec.negative_prompt,
+        ))
+        job.steps_per_image = first.steps
+        previews = spec.preview_steps(first.steps)
+        batch = 2 if (first.guidance or 0) > model.defaults.guidance_threshold else 1
         if hasattr(model, "activation_bytes"):
             # The weights are resident already: only this request's working memory is still to find.
-            check_memory(model.activation_bytes(spec.width, spec.height, batch), available_memory(),
-                         f"{name} at {spec.width}x{spec.height}")
+            check_memory(model.activation_bytes(first.width, first.height, batch), available_memory(),
+                         f"{name} at {first.width}x{first.height}")
         for k in range(spec.n):
-            request = pipeline.GenerationRequest(
-                prompt=spec.prompt, width=spec.width, height=spec.height, steps=spec.steps, seed=spec.seed + k,
-                guidance=spec.guidance, negative=spec.negative_prompt,
-            )
-            for event in pipeline.generate(model, request, cancel=job.cancel, previews=previews):
+            request = replace(first, seed=spec.seed + k)
+            for event in model.generate(request, cancel=job.cancel, previews=previews):
                 if isinstance(event, pipeline.Step):
                     job.steps_done += 1
                     job.events.put((PROGRESS, {"step": job.steps_done, "total": job.total_steps}))
@@ -344,7 +349,7 @@ class ModelManager:
 
     def _retry_after(self, entry: LoadedModel) -> int:
         running = entry.running
-        seconds = 1 + len(entry.jobs) * (running.spec.steps if running else 8) // 8
+        seconds = 1 + len(entry.jobs) * ((running.total_steps // max(running.spec.n, 1)) if running else 8) // 8
         return max(1, min(seconds, 60))
 
     def _start(self, name: str, digest: str) -> LoadedModel:

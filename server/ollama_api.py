@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 from imgpack.schemas.errors import AuthError, ImgpackError, NotFoundError, UsageError
 from imgpack.server.api import (
-    DEFAULT_STEPS,
     MAX_PROMPT_CHARS,
     MAX_SEED,
     MAX_SIDE,
@@ -110,9 +109,9 @@ def parse_generate(body: dict[str, Any]) -> ImageJobSpec:
     if body.get("images"):
         raise bad("images", "image inputs (editing) are not supported by these models")
     steps = body.get("steps")
-    if steps in (None, 0):
-        steps = DEFAULT_STEPS
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+    if steps == 0:
+        steps = None  # ollama's "use the model's default"
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS):
         raise bad("steps", f"{steps!r} must be an integer from 1 to {MAX_STEPS}", "out_of_range")
     options = body.get("options") or {}
     if not isinstance(options, dict):

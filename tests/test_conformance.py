@@ -240,7 +240,7 @@ VERIFY_REFUSES = {
     "ARC-002-transformer-config-without-dim": "'dim'",
     "ARC-003-missing-tensor": "transformer/t_embedder.mlp.0",
     "ARC-004-wrong-shape": "the configs require [1024, 256]",
-    "TNS-010-quantized-scale-shape": "has shape [4, 3], expected [4, 2]",
+    "TNS-010-quantized-scale-shape": "scale shape [4, 3] should be [4, 2]",
 }
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from imgpack.architectures.zimage import ADALN_EMBED_DIM, FREQUENCY_EMBEDDING_SIZE, TIMESTEP_MID_SIZE
 from imgpack.runtime.backend import attention, mx, nn, silu
 from imgpack.schemas.errors import ImgpackError
 
@@ -36,13 +37,13 @@ class ZImageConfig:
     patch_size: int = 2
     f_patch_size: int = 1
     #: Sinusoidal frequencies of the timestep embedding: part of the architecture (diffusers' constant).
-    t_freq_dim: int = 256
-    #: Hidden width of the timestep MLP; diffusers fixes it in code, we read it from the weights.
-    t_mid_dim: int = 1024
+    t_freq_dim: int = FREQUENCY_EMBEDDING_SIZE
+    #: Hidden width of the timestep MLP: fixed by the architecture (diffusers' constant, the tensor rules' too).
+    t_mid_dim: int = TIMESTEP_MID_SIZE
 
     @property
     def adaln_dim(self) -> int:
-        return min(self.dim, 256)
+        return min(self.dim, ADALN_EMBED_DIM)
 
     @property
     def head_dim(self) -> int:
@@ -53,9 +54,7 @@ class ZImageConfig:
         return int(self.dim / 3 * 8)
 
     @classmethod
-    def from_dict(
-        cls, config: dict[str, Any], tensor_shapes: dict[str, list[int]], where: str = "transformer/config.json"
-    ) -> ZImageConfig:
+    def from_dict(cls, config: dict[str, Any], where: str = "transformer/config.json") -> ZImageConfig:
         known = set(cls.__dataclass_fields__) - {"t_freq_dim", "t_mid_dim", "patch_size", "f_patch_size"}
         values = {k: v for k, v in config.items() if k in known}
         for required in ("dim", "n_layers", "n_heads", "cap_feat_dim"):
@@ -73,9 +72,6 @@ class ZImageConfig:
         n_kv = config.get("n_kv_heads", config.get("n_heads"))
         if n_kv != config.get("n_heads", n_kv):
             raise ImgpackError(f"{where}: n_kv_heads {n_kv} != n_heads; Z-Image attention uses n_heads for K and V")
-        mid = tensor_shapes.get("t_embedder.mlp.0.weight")
-        if mid and len(mid) == 2:
-            values["t_mid_dim"] = int(mid[0])
         try:
             cfg = cls(**values)
         except TypeError as e:

@@ -1,0 +1,337 @@
+"""What every pipeline shares: the request, the events ``generate`` yields, images, and a base class that builds,
+sizes, loads and frees components and plans memory, so an architecture only says what its networks are and how
+one generation runs.
+
+A pipeline is opened from a :class:`~imgpack.runtime.common.loader.ModelSource` (a stored manifest, or a
+directory of layer files); its networks are built from the manifest's configs without memory and load blob by
+blob when first needed. ``generate`` yields :class:`Stage`, :class:`Step` and :class:`Preview` events and finally
+an :class:`Image`; it checks a cancel event between steps. Architectures subclass :class:`Pipeline` (see
+``runtime/zimage`` and ``runtime/flux2``) and are found through :func:`imgpack.runtime.open_pipeline`.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import os
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgpack.architectures.base import Architecture
+from imgpack.runtime.backend import available_memory, is_cpu, mx, nn
+from imgpack.runtime.common.loader import GB, Component, InsufficientMemory, ModelSource, ResidentForm
+from imgpack.schemas.errors import ImgpackError, UsageError
+from imgpack.store.atomic import atomic_file
+
+#: Set to 0 to skip the memory check (it estimates; a machine with swap or a lean model may do with less).
+MEMORY_CHECK_ENV = "IMGPACK_MEMORY_CHECK"
+
+
+class GenerationCancelled(ImgpackError):
+    """The caller's cancel event was set; raised between steps, never mid-step."""
+
+
+@dataclass
+class GenerationRequest:
+    """One image to make; fields left None take the architecture's defaults."""
+
+    prompt: str
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    seed: int = 0
+    guidance: float | None = None
+    negative: str = ""
+
+
+@dataclass
+class Stage:
+    """A phase starts: 'load text_encoder', 'encode', 'load transformer', 'denoise', 'load vae', 'decode'."""
+
+    name: str
+
+
+@dataclass
+class Step:
+    index: int  # 1-based
+    total: int
+    seconds: float
+
+
+@dataclass
+class Preview:
+    """The clean image the model predicts after ``step`` (asked for with ``generate(previews=...)``)."""
+
+    step: int  # 1-based
+    total: int
+    pixels: np.ndarray  # (height, width, 3) uint8
+
+
+@dataclass
+class Image:
+    pixels: np.ndarray  # (height, width, 3) uint8
+    seed: int
+    seconds: float = 0.0
+
+    def png(self) -> bytes:
+        return encode_png(self.pixels)
+
+
+Event = Stage | Step | Preview | Image
+
+
+def to_pixels(image: mx.array) -> np.ndarray:
+    """VAE output in [-1, 1] (1, H, W, 3) -> uint8 (H, W, 3), rounding like diffusers' image processor."""
+    arr = np.array(image[0].astype(mx.float32))
+    arr = np.clip(arr / 2 + 0.5, 0.0, 1.0)
+    return np.round(arr * 255).astype(np.uint8)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    from PIL import Image as PILImage
+
+    buf = io.BytesIO()
+    PILImage.fromarray(pixels, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png(pixels: np.ndarray, path: Path) -> Path:
+    """Write atomically: a temp file beside the target, renamed into place (never a half-written PNG)."""
+    with atomic_file(path) as f:
+        f.write(encode_png(pixels))
+    return Path(path)
+
+
+@dataclass
+class MemoryPlan:
+    """What the plan assumed, for ``run -v`` and the refusal message."""
+
+    weights: dict[str, int]
+    working: int
+    expanded_layer: int
+    peak: int
+    available: int
+    forms: dict[str, str] = field(default_factory=dict)
+    keep_text_encoder: bool = True
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {size / GB:.2f} ({self.forms.get(name, '?')})"
+                          for name, size in self.weights.items())
+        return (f"weights {sum(self.weights.values()) / GB:.2f} GB ({parts}), one expanded layer"
+                f" {self.expanded_layer / GB:.2f} GB, working ~{self.working / GB:.2f} GB; peak ~{self.peak / GB:.2f}"
+                f" GB of {self.available / GB:.2f} GB available")
+
+
+def memory_check_enabled(force: bool) -> bool:
+    return not force and os.environ.get(MEMORY_CHECK_ENV, "1") != "0"
+
+
+class Pipeline:
+    """A model opened from a source: configs, tokenizer and lazily loaded networks, and one ``generate``.
+
+    Subclasses set ``architecture``, declare their components in ``build_components`` and implement
+    ``activation_bytes`` and ``generate``.
+    """
+
+    architecture: Architecture
+    #: Component names in the order a generation needs them; the text encoder is the one that can be freed early.
+    TEXT_ENCODER = "text_encoder"
+
+    def __init__(self, source: ModelSource, log: Callable[[str], None] | None = None, keep_loaded: bool = True,
+                 force: bool = False) -> None:
+        self.source = source
+        #: False for one-shot use (``imgpack run``): each network is freed as soon as its part is done, so peak
+        #: memory is the largest component rather than all of them. A server keeps them (True).
+        self.keep_loaded = keep_loaded
+        self.force = force
+        self.log = log or (lambda _msg: None)
+        self.keep_text_encoder = True
+        self.components: dict[str, Component] = self.build_components()
+        self._loaded: dict[str, nn.Module] = {}
+        self.forms = ResidentForm.choose(self.components, self._fits_expanded())
+
+    # -- to be provided --------------------------------------------------------------------------------
+
+    def build_components(self) -> dict[str, Component]:
+        raise NotImplementedError(f"{type(self).__name__} declares no components")
+
+    def activation_bytes(self, width: int, height: int, batch: int) -> int:
+        raise NotImplementedError(f"{type(self).__name__} gives no working-memory estimate")
+
+    def generate(self, request: GenerationRequest, cancel: threading.Event | None = None,
+                 latents: np.ndarray | None = None, previews: Collection[int] = ()) -> Iterator[Event]:
+        raise NotImplementedError(f"{type(self).__name__} cannot generate")
+
+    # -- requests ----------------------------------------------------------------------------------------
+
+    @property
+    def defaults(self):  # noqa: ANN201 - GenerationDefaults
+        return self.architecture.defaults
+
+    def size_multiple(self) -> int:
+        return self.defaults.size_multiple
+
+    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with the architecture's defaults filled in, checked (usage errors, exit 2)."""
+        d = self.defaults
+        resolved = replace(
+            request,
+            width=request.width or d.width,
+            height=request.height or d.height,
+            steps=request.steps or d.steps,
+            guidance=d.guidance if request.guidance is None else request.guidance,
+        )
+        multiple = self.size_multiple()
+        for what, value in (("width", resolved.width), ("height", resolved.height)):
+            assert value is not None
+            if value <= 0 or value % multiple:
+                raise UsageError(f"--size: {what} {value} is not a positive multiple of {multiple}")
+            if not d.min_side <= value <= d.max_side and not self.force:
+                raise UsageError(f"--size: {what} {value} is outside {d.min_side}..{d.max_side} for"
+                                 f" {self.architecture.name}")
+        if resolved.steps is not None and resolved.steps < 1:
+            raise UsageError(f"--steps: {resolved.steps} must be at least 1")
+        if resolved.guidance is not None and resolved.guidance < 0:
+            raise UsageError(f"--guidance: {resolved.guidance} must not be negative")
+        if not request.prompt:
+            raise UsageError("the prompt is empty")
+        return resolved
+
+    # -- memory ------------------------------------------------------------------------------------------
+
+    def _fits_expanded(self) -> bool:
+        """Whether float32 copies of every weight fit: then expanding at load (fastest on CPU) is the plan."""
+        if not is_cpu():
+            return False
+        have = available_memory()
+        expanded = sum(c.expanded_bytes() for c in self.components.values())
+        biggest = max((c.expanded_bytes() for c in self.components.values()), default=0)
+        need = expanded if self.keep_loaded else biggest
+        return not have or need * 1.25 < have
+
+    def weight_bytes(self) -> dict[str, int]:
+        return {name: c.resident_bytes(self.forms[name]) for name, c in self.components.items()}
+
+    def expanded_layer_bytes(self) -> int:
+        """The largest weight one call expands (stored-form layers on CPU): added once to the plan."""
+        if not is_cpu():
+            return 0
+        return max((c.largest_expansion(self.forms[name]) for name, c in self.components.items()), default=0)
+
+    def plan_memory(self, request: GenerationRequest, available: int | None = None) -> int:
+        """Decide whether the text encoder stays loaded; raise (need X GB, have Y GB) if nothing fits."""
+        request = self.resolve(request)
+        assert request.width and request.height
+        have = available_memory() if available is None else available
+        weights = self.weight_bytes()
+        batch = 2 if (request.guidance or 0) > self.defaults.guidance_threshold else 1
+        work = self.activation_bytes(request.width, request.height, batch)
+        expanded = self.expanded_layer_bytes()
+        what = f"model {self.source.where} at {request.width}x{request.height}"
+        text = weights.get(self.TEXT_ENCODER, 0)
+        others = {k: v for k, v in weights.items() if k != self.TEXT_ENCODER}
+        if not self.keep_loaded:
+            peak = max([text + expanded, *(v + work + expanded for v in others.values())])
+            mode = "one component at a time"
+        else:
+            everything = sum(weights.values()) + work + expanded
+            sequential = max(text + expanded, sum(others.values()) + work + expanded)
+            if not have or everything <= have:
+                self.keep_text_encoder, peak, mode = True, everything, "all components resident"
+            else:
+                self.keep_text_encoder, peak = False, sequential
+                mode = "all resident but the text encoder, freed after encoding"
+        plan = MemoryPlan(weights, work, expanded, peak, have, {k: str(v) for k, v in self.forms.items()},
+                          self.keep_text_encoder)
+        self.log(f"memory: {plan.describe()} ({mode})")
+        if have and peak > have:
+            message = (f"{what} needs about {peak / GB:.1f} GB of memory but only {have / GB:.1f} GB is available"
+                       f" ({plan.describe()}); free memory, choose a smaller --size, use a quantized model"
+                       f" (imgpack convert --quantize int8), or pass --force ({MEMORY_CHECK_ENV}=0) to try anyway")
+            if memory_check_enabled(self.force):
+                raise InsufficientMemory(message)
+            self.log("memory check overridden: " + message)
+        return peak
+
+    # -- components --------------------------------------------------------------------------------------
+
+    def loaded(self, name: str) -> nn.Module | None:
+        return self._loaded.get(name)
+
+    @staticmethod
+    def network(name: str) -> property:
+        """An attribute for a component: the loaded network or None; setting one replaces it (None frees it)."""
+
+        def get(self: Pipeline) -> Any:
+            return self._loaded.get(name)
+
+        def put(self: Pipeline, module: Any) -> None:
+            if module is None:
+                self.free(name)
+            else:
+                self._loaded[name] = module
+
+        return property(get, put, doc=f"the loaded {name}, or None")
+
+    def component(self, name: str) -> nn.Module:
+        """The loaded network ``name``, loading it blob by blob on first use."""
+        module = self._loaded.get(name)
+        if module is None:
+            start = time.perf_counter()
+            module = self.components[name].load(self.forms[name])
+            self._loaded[name] = module
+            self.log(f"loaded {name} in {time.perf_counter() - start:.2f}s ({self.forms[name]})")
+        return module
+
+    def load(self) -> None:
+        """Load every component now (a server does this once; ``generate`` otherwise loads on demand)."""
+        for name in self.components:
+            self.component(name)
+
+    def free(self, name: str) -> None:
+        """Drop a loaded network (it reloads from the store on next use) and return its memory."""
+        if self._loaded.pop(name, None) is not None:
+            gc.collect()
+            mx.clear_cache()
+
+    def done_with(self, name: str) -> None:
+        """A generation no longer needs ``name``: freed in one-shot mode (and the text encoder when planned)."""
+        if not self.keep_loaded or (name == self.TEXT_ENCODER and not self.keep_text_encoder):
+            self.free(name)
+
+    def check_cancel(self, cancel: threading.Event | None) -> None:
+        if cancel is not None and cancel.is_set():
+            raise GenerationCancelled("generation cancelled")
+
+
+def run_to_image(model: Pipeline, request: GenerationRequest, **kwargs: Any) -> Image:
+    """Drain ``generate`` and return its image (for callers that do not want progress)."""
+    result = None
+    for event in model.generate(request, **kwargs):
+        if isinstance(event, Image):
+            result = event
+    assert result is not None
+    return result
+
+
+__all__ = [
+    "Event",
+    "GenerationCancelled",
+    "GenerationRequest",
+    "Image",
+    "MemoryPlan",
+    "Pipeline",
+    "Preview",
+    "Stage",
+    "Step",
+    "encode_png",
+    "run_to_image",
+    "save_png",
+    "to_pixels",
+]
