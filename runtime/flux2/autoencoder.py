@@ -24,7 +24,7 @@ class Flux2VAEConfig:
     decoder: VAEConfig  # with ``block_out_channels`` = the decoder's own widths
     #: ``len(block_out_channels) - 1`` halvings of the *encoder* widths, as the pipeline computes it.
     scale_factor: int
-    batch_norm_eps: float = 1e-4
+    batch_norm_eps: float
 
     @property
     def latent_channels(self) -> int:
@@ -38,10 +38,10 @@ class Flux2VAEConfig:
     def from_dict(cls, config: dict[str, Any], where: str = "vae/config.json") -> Flux2VAEConfig:
         config = with_defaults(config, VAE_DEFAULTS)
         patch = config["patch_size"]
-        if list(patch) != [PATCH, PATCH]:
+        if not isinstance(patch, list | tuple) or list(patch) != [PATCH, PATCH]:
             raise ImgpackError(f"{where}: patch_size {patch} is not supported (the pipeline packs 2x2)")
-        encoder_channels = config.get("block_out_channels")
-        decoder_channels = config.get("decoder_block_out_channels") or encoder_channels
+        encoder_channels = config["block_out_channels"]
+        decoder_channels = config["decoder_block_out_channels"] or encoder_channels
         if not isinstance(encoder_channels, list) or not isinstance(decoder_channels, list):
             raise ImgpackError(f"{where}: field 'block_out_channels' must be a list of integers")
         if len(decoder_channels) != len(encoder_channels):
@@ -78,7 +78,8 @@ def unpatchify(latents: mx.array) -> mx.array:
 
 
 class Flux2VAEDecoder(nn.Module):
-    """Packed, normalised latents (batch, 4 * latent_channels, h, w) -> images (batch, 16h, 16w, 3) in [-1, 1]."""
+    """Packed, normalised latents (batch, 4 * latent_channels, h, w) -> images (batch, H, W, 3) in [-1, 1],
+    H = 2h x the VAE scale factor."""
 
     def __init__(self, cfg: Flux2VAEConfig) -> None:
         super().__init__()

@@ -173,8 +173,8 @@ class Flux2Model:
         # Scores are materialised a chunk of query rows at a time (backend.attention), never all S x S at once.
         attention = min(batch * cfg.num_attention_heads * seq * seq, ATTENTION_CHUNK) * 4
         # A single-stream block's live tensors: the fused projection (3D + 2M), q/k/v after RoPE, the MLP halves,
-        # the [attention | mlp] concatenation and the residual: about 24 D per token with M = 3D.
-        hidden = batch * seq * 24 * cfg.dim * self.itemsize
+        # the [attention | mlp] concatenation and the residual. Measured: 24 D per token (M = 3D, 2.8k tokens).
+        hidden = batch * seq * 28 * cfg.dim * self.itemsize
         step = attention + hidden
         # The widest full-resolution decoder activations: about six tensors of the second block's width, in
         # float32 (measured with the FLUX VAE's widths, which FLUX.2's shares).

@@ -178,6 +178,7 @@ class FeedForward(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = mx.split(self.linear_in(x), 2, axis=-1)
+        # A fresh contiguous buffer, so the CPU SiLU can run in place on it (a strided slice would fall back).
         return self.linear_out(silu(mx.contiguous(gate)) * up)
 
 
