@@ -1,9 +1,11 @@
 """Benchmark: imgpack's MLX runtime against diffusers (torch, CPU float32) on the same medium random model.
 
-    .venv/bin/python bench/runtime.py [--steps 3] [--sizes 256,512] [--diffusers-python PATH]
+    .venv/bin/python bench/runtime.py [--arch zimage|flux2] [--steps 3] [--sizes 256,512] [--diffusers-python PATH]
 
-Writes a random Z-Image model in the diffusers layout (transformer ~360 M parameters, a small Qwen3 text encoder,
-the FLUX VAE shape; bf16 like the real checkpoint) with numpy alone, packs it into a temp store, then runs each
+Writes a random model in the diffusers layout with numpy alone — Z-Image (transformer ~360 M parameters, a small
+Qwen3 text encoder, the FLUX VAE shape) or, with ``--arch flux2``, a distilled FLUX.2 [klein] (transformer ~400 M
+parameters, a 27-layer Qwen3 text encoder, the real FLUX.2 VAE); bf16 like the real checkpoints — packs it into a
+temp store, then runs each
 side in its own subprocess so peak RSS is measured cleanly: load time to the first denoising step, seconds per
 step at each size, VAE decode time, peak RSS. Both start from the same seed noise, and the images are compared.
 diffusers runs under a separate interpreter with torch (default /work/refenv/bin/python, or
@@ -30,6 +32,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_SOURCE = ROOT / "tests" / "models" / "zimage-tiny" / "tokenizer"
+FLUX2_TOKENIZER_SOURCE = ROOT / "tests" / "models" / "flux2-tiny" / "tokenizer"  # Qwen3's template: thinking off
 DEFAULT_DIFFUSERS_PYTHON = os.environ.get("IMGPACK_BENCH_DIFFUSERS_PYTHON", "/work/refenv/bin/python")
 PROMPT = "a red fox in the snow"
 SEED = 42
@@ -98,6 +101,66 @@ MODEL_INDEX = {
     "tokenizer": ["transformers", "Qwen2Tokenizer"],
     "transformer": ["diffusers", "ZImageTransformer2DModel"],
     "vae": ["diffusers", "AutoencoderKL"],
+}
+
+FLUX2_TRANSFORMER = {
+    "_class_name": "Flux2Transformer2DModel",
+    "patch_size": 1,
+    "in_channels": 128,
+    "num_layers": 2,
+    "num_single_layers": 8,
+    "attention_head_dim": 128,
+    "num_attention_heads": 12,
+    "joint_attention_dim": 3 * 512,  # three Qwen3 hidden states side by side
+    "timestep_guidance_channels": 256,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": [32, 32, 32, 32],
+    "rope_theta": 2000,
+    "eps": 1e-6,
+    "guidance_embeds": False,
+}
+FLUX2_TEXT_ENCODER = {
+    **TEXT_ENCODER,
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 27,  # the pipeline reads hidden states 9, 18 and 27
+}
+FLUX2_VAE = {  # the real FLUX.2 VAE (AutoencoderKLFlux2's defaults)
+    "_class_name": "AutoencoderKLFlux2",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 32,
+    "layers_per_block": 2,
+    "mid_block_add_attention": True,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "use_post_quant_conv": True,
+    "use_quant_conv": True,
+    "batch_norm_eps": 1e-4,
+    "batch_norm_momentum": 0.1,
+    "patch_size": [2, 2],
+}
+FLUX2_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                   "use_dynamic_shifting": True, "time_shift_type": "exponential"}
+FLUX2_MODEL_INDEX = {
+    "_class_name": "Flux2KleinPipeline",
+    "is_distilled": True,
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "Qwen3ForCausalLM"],
+    "tokenizer": ["transformers", "Qwen2TokenizerFast"],
+    "transformer": ["diffusers", "Flux2Transformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKLFlux2"],
+}
+#: What each side needs to know per architecture: the diffusers class, the seed-noise shape, the guidance to use.
+ARCHS = {
+    "zimage": {"pipeline": "ZImagePipeline", "channels": 16, "scale": 8, "guidance": 0.0},
+    "flux2": {"pipeline": "Flux2KleinPipeline", "channels": 128, "scale": 16, "guidance": 1.0},
 }
 
 
@@ -171,12 +234,28 @@ def vae_encoder_shapes() -> dict[str, list[int]]:
     return shapes
 
 
+def flux2_shapes() -> dict[str, dict[str, list[int]]]:
+    """Checkpoint key -> shape per component, from the architecture derivation the runtime and conformance use
+    (the VAE encoder included, as diffusers loads it; the batch counter left at its default)."""
+    from imgpack.architectures import flux2
+
+    configs = {"transformer/config.json": FLUX2_TRANSFORMER, "text_encoder/config.json": FLUX2_TEXT_ENCODER,
+               "vae/config.json": FLUX2_VAE}
+    expectation = flux2.expected_tensors(configs)
+    out: dict[str, dict[str, list[int]]] = {"text_encoder": {}, "transformer": {}, "vae": {}}
+    for name, shape in {**expectation.required, **expectation.optional}.items():
+        component, key = name.split("/", 1)
+        if key not in ("lm_head.weight", "bn.num_batches_tracked"):  # tied embeddings; an integer buffer
+            out[component][key] = shape
+    return out
+
+
 def random_tensor(rng: np.random.Generator, key: str, shape: list[int]) -> np.ndarray:
     """Weights scaled 1/sqrt(fan_in), norms 1, biases 0: activations stay finite through every block."""
     leaf = key.rsplit(".", 1)[-1]
-    if "norm" in key and leaf == "weight" and len(shape) == 1:
+    if ("norm" in key and leaf == "weight" and len(shape) == 1) or leaf == "running_var":
         return np.ones(shape, np.float32)
-    if leaf == "bias":
+    if leaf in ("bias", "running_mean"):
         return np.zeros(shape, np.float32)
     fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     scale = 0.02 if "embed_tokens" in key or "pad_token" in key else fan_in**-0.5
@@ -206,26 +285,31 @@ def write_safetensors(path: Path, shapes: dict[str, list[int]], rng: np.random.G
     return sum(int(np.prod(s)) for s in shapes.values())
 
 
-def make_model(directory: Path) -> dict[str, int]:
+def make_model(directory: Path, arch: str = "zimage") -> dict[str, int]:
     """Write the medium random model; returns parameter counts per component."""
-    tiny_te = json.loads((TOKENIZER_SOURCE.parent / "text_encoder" / "config.json").read_text())
-    TEXT_ENCODER["vocab_size"] = tiny_te["vocab_size"]
+    flux2 = arch == "flux2"
+    tokenizer = FLUX2_TOKENIZER_SOURCE if flux2 else TOKENIZER_SOURCE
+    tiny_te = json.loads((tokenizer.parent / "text_encoder" / "config.json").read_text())
+    text_encoder = FLUX2_TEXT_ENCODER if flux2 else TEXT_ENCODER
+    text_encoder["vocab_size"] = tiny_te["vocab_size"]
     rng = np.random.default_rng(0)
     counts = {}
-    shapes = runtime_shapes()
+    shapes = flux2_shapes() if flux2 else runtime_shapes()
+    transformer, vae = (FLUX2_TRANSFORMER, FLUX2_VAE) if flux2 else (TRANSFORMER, VAE)
     files = {
-        "text_encoder": ("model.safetensors", TEXT_ENCODER, "config.json"),
-        "transformer": ("diffusion_pytorch_model.safetensors", TRANSFORMER, "config.json"),
-        "vae": ("diffusion_pytorch_model.safetensors", VAE, "config.json"),
+        "text_encoder": ("model.safetensors", text_encoder, "config.json"),
+        "transformer": ("diffusion_pytorch_model.safetensors", transformer, "config.json"),
+        "vae": ("diffusion_pytorch_model.safetensors", vae, "config.json"),
     }
     for component, (weights, config, config_name) in files.items():
         (directory / component).mkdir(parents=True)
         (directory / component / config_name).write_text(json.dumps(config, indent=2))
         counts[component] = write_safetensors(directory / component / weights, shapes[component], rng)
     (directory / "scheduler").mkdir()
-    (directory / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
-    shutil.copytree(TOKENIZER_SOURCE, directory / "tokenizer")
-    (directory / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+    scheduler = FLUX2_SCHEDULER if flux2 else SCHEDULER
+    (directory / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    shutil.copytree(tokenizer, directory / "tokenizer")
+    (directory / "model_index.json").write_text(json.dumps(FLUX2_MODEL_INDEX if flux2 else MODEL_INDEX, indent=2))
     return counts
 
 
@@ -235,11 +319,12 @@ DIFFUSERS_WORKER = textwrap.dedent(
     """
     import json, resource, sys, time
     import numpy as np, torch
-    from diffusers import ZImagePipeline
+    import diffusers
     t0 = time.perf_counter()
     model_dir, sizes, steps, seed, prompt, out_dir = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), \\
         int(sys.argv[4]), sys.argv[5], sys.argv[6]
-    pipe = ZImagePipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
+    arch = json.loads(sys.argv[7])
+    pipe = getattr(diffusers, arch["pipeline"]).from_pretrained(model_dir, torch_dtype=torch.float32)
     marks = {}
     forward_starts = []
     forward = pipe.transformer.forward
@@ -258,8 +343,8 @@ DIFFUSERS_WORKER = textwrap.dedent(
         def on_step(p, i, t, kw):
             stamps.append(time.perf_counter()); return kw
         latents = torch.from_numpy(np.random.default_rng(seed).standard_normal(
-            (1, 16, size // 8, size // 8), dtype=np.float32))
-        image = pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=0.0,
+            (1, arch["channels"], size // arch["scale"], size // arch["scale"]), dtype=np.float32))
+        image = pipe(prompt=prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=arch["guidance"],
                      latents=latents, callback_on_step_end=on_step, output_type="np").images[0]
         if "load_to_first_step" not in results:
             results["load_to_first_step"] = forward_starts[0] - t0
@@ -272,21 +357,24 @@ DIFFUSERS_WORKER = textwrap.dedent(
 )
 
 
-def mlx_worker(store_dir: str, sizes: list[int], steps: int, out_dir: str) -> None:
+def mlx_worker(store_dir: str, sizes: list[int], steps: int, out_dir: str, arch: str = "zimage") -> None:
     """Runs in a fresh interpreter: the same measurements as the diffusers worker, through imgpack's API."""
     import resource
 
     from imgpack.runtime import backend
+    from imgpack.runtime.flux2.pipeline import Flux2Model
+    from imgpack.runtime.flux2.pipeline import generate as flux2_generate
     from imgpack.runtime.zimage.pipeline import GenerationRequest, Image, Stage, Step, ZImageModel, generate
     from imgpack.store.store import Store
 
     t0 = time.perf_counter()  # after imports, as in the diffusers worker: model loading only
 
     # One-shot mode, as `imgpack run` uses: each network is freed once its part is done.
-    model = ZImageModel.open(Store.open(store_dir), "bench:latest", keep_loaded=False)
+    model_class, generate = (Flux2Model, flux2_generate) if arch == "flux2" else (ZImageModel, generate)
+    model = model_class.open(Store.open(store_dir), "bench:latest", keep_loaded=False)
     results: dict = {"blas": backend.BLAS.describe(), "sizes": {}}
     for size in sizes:
-        request = GenerationRequest(PROMPT, size, size, steps=steps, seed=SEED)
+        request = GenerationRequest(PROMPT, size, size, steps=steps, seed=SEED, guidance=ARCHS[arch]["guidance"])
         model.plan_memory(request)
         step_times, decode_start, decode = [], 0.0, 0.0
         for event in generate(model, request):
@@ -342,6 +430,7 @@ def steady_step(times: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="zimage", help="which medium model to run")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--sizes", default="256,512")
     parser.add_argument("--diffusers-python", default=DEFAULT_DIFFUSERS_PYTHON)
@@ -354,7 +443,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.worker == "mlx":
-        mlx_worker(args.store, sizes, args.steps, args.out)
+        mlx_worker(args.store, sizes, args.steps, args.out, args.arch)
         return
     if not Path(args.diffusers_python).exists():
         sys.exit(f"bench: {args.diffusers_python} not found; pass --diffusers-python or set"
@@ -366,7 +455,7 @@ def main() -> None:
         if not (model_dir / "model_index.json").exists():
             print("writing the random model ...", flush=True)
             shutil.rmtree(model_dir, ignore_errors=True)
-            make_model(model_dir)
+            make_model(model_dir, args.arch)
         from imgpack.packager.create import create_model
         from imgpack.store.store import Store
 
@@ -382,10 +471,12 @@ def main() -> None:
         for round_no in range(1, args.rounds + 1):
             print(f"round {round_no}/{args.rounds}: diffusers ...", flush=True)
             refs.append(run_worker([args.diffusers_python, "-c", DIFFUSERS_WORKER, str(model_dir), json.dumps(sizes),
-                                    str(args.steps), str(SEED), PROMPT, str(work)], "diffusers"))
+                                    str(args.steps), str(SEED), PROMPT, str(work), json.dumps(ARCHS[args.arch])],
+                                   "diffusers"))
             print(f"round {round_no}/{args.rounds}: imgpack (MLX) ...", flush=True)
             mine.append(run_worker([sys.executable, __file__, "--worker", "mlx", "--store", str(store_dir),
-                                    "--sizes", args.sizes, "--steps", str(args.steps), "--out", str(work)], "MLX"))
+                                    "--sizes", args.sizes, "--steps", str(args.steps), "--out", str(work),
+                                    "--arch", args.arch], "MLX"))
         ref, ours = best_of(refs), best_of(mine)
         report(ours, ref, sizes, f32_bytes, work)
     finally:

@@ -1,7 +1,10 @@
 """Flow-matching Euler sampler, configured from a diffusers ``scheduler_config.json``.
 
 The schedule is computed in numpy float32, exactly as diffusers' FlowMatchEulerDiscreteScheduler does for the
-sigmas the Z-Image pipeline passes (a linear ramp from 1 to 1/N), so the steps match the reference bit for bit.
+sigmas a pipeline passes, so the steps match the reference bit for bit. Pipelines differ only in that ramp and in
+the dynamic-shift ``mu``: Z-Image passes torch's float32 ``linspace(1, 1/N, N)`` and lets the config's
+resolution line pick ``mu``; FLUX.2 [klein] passes numpy's float64 ``linspace`` and its own empirical ``mu``
+(``compute_empirical_mu``), which depends on the step count too.
 """
 
 from __future__ import annotations
@@ -48,18 +51,46 @@ def z_image_mu(image_seq_len: int, config: FlowMatchConfig) -> float:
     return image_seq_len * slope + config.base_shift - slope * config.base_image_seq_len
 
 
-class FlowMatchEulerScheduler:
-    """Holds one generation's sigmas; ``step`` moves the latents from sigma[i] to sigma[i+1]."""
+def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """FLUX.2's dynamic shift: two lines fitted in image tokens (at 10 and 200 steps), interpolated in the step
+    count; above 4300 tokens the 200-step line alone. Python-float math, as diffusers' function of the same name."""
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+    if image_seq_len > 4300:
+        return float(a2 * image_seq_len + b2)
+    m_200 = a2 * image_seq_len + b2
+    m_10 = a1 * image_seq_len + b1
+    a = (m_200 - m_10) / 190.0
+    b = m_200 - 200.0 * a
+    return float(a * num_steps + b)
 
-    def __init__(self, config: FlowMatchConfig, num_steps: int, image_seq_len: int) -> None:
+
+class FlowMatchEulerScheduler:
+    """Holds one generation's sigmas; ``step`` moves the latents from sigma[i] to sigma[i+1].
+
+    ``ramp`` is the unshifted sigmas the pipeline passes (default: Z-Image's float32 ``linspace(1, 1/N, N)``);
+    ``mu`` overrides the config's resolution-dependent shift when dynamic shifting is on.
+    """
+
+    def __init__(
+        self,
+        config: FlowMatchConfig,
+        num_steps: int,
+        image_seq_len: int,
+        *,
+        ramp: np.ndarray | None = None,
+        mu: float | None = None,
+    ) -> None:
         if num_steps < 1:
             raise ImgpackError(f"steps must be at least 1, got {num_steps}")
         self.config = config
-        # The pipeline's default ramp: torch.linspace(1, 1/N, N) in float32.
-        ramp = _linspace_f32(1.0, 1.0 / num_steps, num_steps)
-        sigmas = ramp.astype(np.float32)
+        if ramp is None:
+            ramp = _linspace_f32(1.0, 1.0 / num_steps, num_steps)
+        if len(ramp) != num_steps:
+            raise ImgpackError(f"{len(ramp)} sigmas given for {num_steps} steps")
+        sigmas = np.asarray(ramp).astype(np.float32)
         if config.use_dynamic_shifting:
-            mu = z_image_mu(image_seq_len, config)
+            mu = z_image_mu(image_seq_len, config) if mu is None else mu
             if config.time_shift_type == "exponential":
                 sigmas = (math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))).astype(np.float32)
             else:
