@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from imgpack.architectures import zimage
+from imgpack.architectures import flux2, zimage
 from imgpack.architectures.base import Architecture
 
-ARCHITECTURES: tuple[Architecture, ...] = (zimage.SPEC,)
+ARCHITECTURES: tuple[Architecture, ...] = (zimage.SPEC, flux2.SPEC)
 
 
 def find(class_name: str | None) -> Architecture | None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from imgpack.architectures import zimage
-from imgpack.architectures.zimage import ConfigProblem, Expectation, canonical_name
+from imgpack.architectures import autoencoder, qwen3
+from imgpack.architectures.base import Architecture, ConfigProblem, Expectation, GenerationDefaults, canonical_name
 
 #: The architecture name written in model_index.json's ``_class_name``.
 ARCHITECTURE = "Flux2KleinPipeline"
@@ -133,8 +133,8 @@ def vae_tensors(config: dict[str, Any], file: str = "vae/config.json") -> tuple[
     if not isinstance(patch, list) or not all(isinstance(p, int) and p > 0 for p in patch):
         raise ConfigProblem(file, f"field 'patch_size' must be a list of positive integers, got {patch!r}")
     decoder_cfg = {**cfg, "block_out_channels": cfg["decoder_block_out_channels"] or cfg["block_out_channels"]}
-    decoder, _ = zimage.vae_tensors(decoder_cfg, file)
-    _, encoder = zimage.vae_tensors(cfg, file)
+    decoder, _ = autoencoder.vae_tensors(decoder_cfg, file)
+    _, encoder = autoencoder.vae_tensors(cfg, file)
     channels = math.prod(patch) * _positive(cfg, "latent_channels", file)
     decoder["bn.running_mean"] = [channels]
     decoder["bn.running_var"] = [channels]
@@ -151,7 +151,7 @@ def expected_tensors(configs: dict[str, Any]) -> Expectation:
     optional: dict[str, list[int]] = {}
     for key, shape in transformer_tensors(configs["transformer/config.json"]).items():
         required["transformer/" + key] = shape
-    te_required, te_optional = zimage.qwen3_tensors(configs["text_encoder/config.json"])
+    te_required, te_optional = qwen3.qwen3_tensors(configs["text_encoder/config.json"])
     for key, shape in te_required.items():
         required["text_encoder/model." + key] = shape
     for key, shape in te_optional.items():
@@ -169,8 +169,22 @@ def expected_tensors(configs: dict[str, Any]) -> Expectation:
     )
 
 
+SPEC = Architecture(
+    name="flux2-klein",
+    class_names=(ARCHITECTURE,),
+    config_files=CONFIG_FILES,
+    expected_tensors=expected_tensors,
+    # The distilled checkpoints' use; a base (non-distilled) model says so in model_index.json and gets 50 steps
+    # of guidance 4 (the runtime reads the flag).
+    defaults=GenerationDefaults(steps=4, guidance=1.0, guidance_threshold=1.0),
+    runtime="imgpack.runtime.flux2.pipeline:Flux2Pipeline",
+    noise_shape=lambda h, w: (1, 128, h // 16, w // 16),
+    description="FLUX.2 [klein] 4B/9B: a double+single-stream DiT with a Qwen3 text encoder and the FLUX.2 VAE",
+)
+
 __all__ = [
     "ARCHITECTURE",
+    "SPEC",
     "CONFIG_FILES",
     "TEXT_ENCODER_OUT_LAYERS",
     "TRANSFORMER_DEFAULTS",

@@ -143,3 +143,15 @@ def test_ollama_dir_round_trip_as_a_target(cli, store, tmp_path) -> None:
     assert all(p.name.startswith("sha256-") for p in (out / "blobs").iterdir())
     assert cli("copy", f"ollama:{out}:library/tiny:v1", "back:1").code == 0
     assert store.resolve("back:1")[1] == store.resolve("tiny:1")[1]
+
+
+def test_quantized_flux2_runs(store) -> None:
+    """A second architecture through the same quantized path (FLUX.2 [klein], distilled)."""
+    base = Path(__file__).resolve().parent / "models" / "flux2-tiny"
+    create_model(store, "f2:1", base)
+    result = create_model(store, "f2:int4", base, quantize="int4")
+    assert result.quantized > 0
+    request = GenerationRequest("a red fox in the snow", 64, 64, seed=5)
+    plain = run_to_image(open_pipeline(store, "f2:1"), request)
+    quantized = run_to_image(open_pipeline(store, "f2:int4"), request)
+    assert psnr(quantized.pixels, plain.pixels) >= 26.0

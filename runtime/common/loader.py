@@ -318,6 +318,8 @@ class Component:
         return sum(math.prod(p.info.shape) * 4 for p in self.plan.values())
 
     def resident_bytes(self, form: str) -> int:
+        if self.upcast:
+            form = ResidentForm.FLOAT32  # computed in float32 whatever it is stored as
         total = 0
         for p in self.plan.values():
             count = math.prod(p.info.shape)

@@ -156,6 +156,16 @@ class Pipeline:
         self._loaded: dict[str, nn.Module] = {}
         self.forms = ResidentForm.choose(self.components, self._fits_expanded())
 
+    @classmethod
+    def require_architecture(cls, source: ModelSource) -> None:
+        """Refuse a model of another pipeline class before reading its configs."""
+        from imgpack.schemas.config import architecture_of
+
+        name = architecture_of(source.model_index)
+        if name not in cls.architecture.class_names:
+            raise ImgpackError(f"{source.where}: model_index.json names {name!r}; this runs"
+                               f" {', '.join(cls.architecture.class_names)}")
+
     # -- to be provided --------------------------------------------------------------------------------
 
     def build_components(self) -> dict[str, Component]:

@@ -11,35 +11,39 @@ the VAE first undoes its batch-norm normalisation.
 
 from __future__ import annotations
 
-import gc
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import numpy as np
 
-from imgpack.architectures.flux2 import ARCHITECTURE, TEXT_ENCODER_OUT_LAYERS
-from imgpack.runtime.backend import ATTENTION_CHUNK, available_memory, compute_dtype, mx, nn
-from imgpack.runtime.common.loader import GB, ModelSource, check_memory
+from imgpack.architectures import flux2 as arch
+from imgpack.architectures.base import GenerationDefaults
+from imgpack.architectures.flux2 import TEXT_ENCODER_OUT_LAYERS
+from imgpack.runtime.backend import ATTENTION_CHUNK, compute_dtype, mx
+from imgpack.runtime.common.loader import Component, ModelSource
+from imgpack.runtime.common.pipeline import (
+    Event,
+    GenerationCancelled,
+    GenerationRequest,
+    Image,
+    Pipeline,
+    Preview,
+    Stage,
+    Step,
+    run_to_image,
+    to_pixels,
+)
 from imgpack.runtime.common.qwen3 import Qwen3Config, Qwen3TextEncoder
 from imgpack.runtime.common.scheduler import FlowMatchConfig, FlowMatchEulerScheduler, compute_empirical_mu
 from imgpack.runtime.common.tokenizer import MAX_SEQUENCE_LENGTH, PromptTokenizer
 from imgpack.runtime.flux2.autoencoder import PATCH, Flux2VAEConfig, Flux2VAEDecoder
 from imgpack.runtime.flux2.transformer import Flux2Config, Flux2Transformer, image_ids, text_ids
-from imgpack.runtime.zimage.pipeline import (
-    Event,
-    GenerationCancelled,
-    GenerationRequest,
-    Image,
-    Stage,
-    Step,
-    initial_noise,
-    to_pixels,
-)
-from imgpack.schemas.errors import ImgpackError, UsageError
+from imgpack.runtime.zimage.pipeline import initial_noise
+from imgpack.schemas.errors import ImgpackError
 from imgpack.schemas.manifest import Layer
-from imgpack.schemas.tensorblob import DTYPE_SIZES
+from imgpack.schemas.safetensors import DTYPE_SIZES
 from imgpack.store.store import Store
 
 #: The distilled checkpoints' intended use (the model card's and diffusers' integration test's).
@@ -51,32 +55,31 @@ BASE_GUIDANCE = 4.0
 #: Every prompt is padded (or truncated) to this many tokens, and all of them reach the transformer.
 TEXT_LENGTH = MAX_SEQUENCE_LENGTH
 COMPONENTS = ("text_encoder", "transformer", "vae")
+DISTILLED = GenerationDefaults(steps=DISTILLED_STEPS, guidance=DISTILLED_GUIDANCE, guidance_threshold=math.inf)
+BASE = GenerationDefaults(steps=BASE_STEPS, guidance=BASE_GUIDANCE, guidance_threshold=1.0)
 
 
 def trained_dtype(layers: dict[str, Layer]) -> str | None:
     """The dtype holding most of a component's bytes (matrices in bf16 with f32 norms count as bf16)."""
     totals: dict[str, int] = {}
     for layer in layers.values():
+        if layer.dtype is None:
+            continue
         size = math.prod(layer.shape or []) * DTYPE_SIZES.get(layer.dtype, 0)
         totals[layer.dtype] = totals.get(layer.dtype, 0) + size
     return max(totals, key=totals.__getitem__) if totals else None
 
 
-class Flux2Model:
-    """A FLUX.2 [klein] model read from a store: configs, tokenizer and lazily loaded networks."""
+class Flux2Pipeline(Pipeline):
+    """A FLUX.2 [klein] model: configs, tokenizer and lazily loaded networks."""
 
-    def __init__(
-        self, source: ModelSource, log: Callable[[str], None] | None = None, keep_loaded: bool = True
-    ) -> None:
+    architecture = arch.SPEC
+
+    def __init__(self, source: ModelSource, log: Callable[[str], None] | None = None, keep_loaded: bool = True,
+                 force: bool = False) -> None:
+        self.require_architecture(source)
         self.source = source
-        #: False for one-shot use (``imgpack run``): each network is freed as soon as its part is done.
-        self.keep_loaded = keep_loaded
-        self.log = log or (lambda _msg: None)
-        index = source.read_json("model_index.json")
-        if index.get("_class_name") != ARCHITECTURE:
-            raise ImgpackError(
-                f"{source.where}: model_index.json names {index.get('_class_name')!r}; this runs {ARCHITECTURE}"
-            )
+        index = source.model_index
         #: Step-distilled checkpoints take no guidance (diffusers' default for a missing flag is False).
         self.is_distilled = bool(index.get("is_distilled", False))
         self.transformer_config = Flux2Config.from_dict(source.read_json("transformer/config.json"))
@@ -89,23 +92,25 @@ class Flux2Model:
             tok_config = source.read_json("tokenizer/tokenizer_config.json")
         template = None
         if source.has_file("tokenizer/chat_template.jinja"):
-            template = source.read_file("tokenizer/chat_template.jinja").decode("utf-8")
+            template = source.read_file("tokenizer/chat_template.jinja").decode("utf-8", "replace")
         self.tokenizer = PromptTokenizer(source.read_file("tokenizer/tokenizer.json"), tok_config, template)
-        self.dtype = compute_dtype(trained_dtype(source.tensors("transformer")))
-        self.text_encoder: Qwen3TextEncoder | None = None
-        self.transformer: Flux2Transformer | None = None
-        self.vae: Flux2VAEDecoder | None = None
-        # Built (lazily initialised, no memory) only to map and size the weights.
-        self._blueprints: dict[str, nn.Module] = {name: self._build(name) for name in COMPONENTS}
-        self.keep_text_encoder = True
-        for name, model in self._blueprints.items():
-            source.plan(name, model, model.param_name)
+        super().__init__(source, log, keep_loaded, force)
 
     @classmethod
-    def open(
-        cls, store: Store, ref: str, log: Callable[[str], None] | None = None, keep_loaded: bool = True
-    ) -> Flux2Model:
-        return cls(ModelSource.open(store, ref), log, keep_loaded)
+    def open(cls, store: Store, ref: str, log: Callable[[str], None] | None = None, keep_loaded: bool = True,
+             force: bool = False) -> Flux2Pipeline:
+        return cls(ModelSource.open(store, ref), log, keep_loaded, force)
+
+    def build_components(self) -> dict[str, Component]:
+        self.dtype = compute_dtype(trained_dtype(self.source.tensors("transformer")))
+        return {
+            "text_encoder": Component(self.source, "text_encoder",
+                                      lambda: Qwen3TextEncoder(self.text_config, TEXT_ENCODER_OUT_LAYERS), self.dtype),
+            "transformer": Component(self.source, "transformer", lambda: Flux2Transformer(self.transformer_config),
+                                     self.dtype),
+            "vae": Component(self.source, "vae", lambda: Flux2VAEDecoder(self.vae_config), self.dtype,
+                             upcast=self.vae_config.decoder.force_upcast),
+        }
 
     def _check_configs(self) -> None:
         """The cross-component sizes the pipeline relies on, named before anything loads."""
@@ -123,48 +128,50 @@ class Flux2Model:
                 f" {vae.latent_channels} (2x2-packed latents)"
             )
 
-    def _build(self, name: str) -> nn.Module:
-        if name == "text_encoder":
-            return Qwen3TextEncoder(self.text_config, TEXT_ENCODER_OUT_LAYERS)
-        if name == "transformer":
-            return Flux2Transformer(self.transformer_config)
-        return Flux2VAEDecoder(self.vae_config)
-
     # -- defaults and sizes ----------------------------------------------------------------------------
 
     @property
+    def defaults(self) -> GenerationDefaults:
+        return DISTILLED if self.is_distilled else BASE
+
+    @property
     def default_steps(self) -> int:
-        return DISTILLED_STEPS if self.is_distilled else BASE_STEPS
+        return self.defaults.steps
 
     @property
     def default_guidance(self) -> float:
-        return DISTILLED_GUIDANCE if self.is_distilled else BASE_GUIDANCE
+        return self.defaults.guidance
 
     def uses_guidance(self, guidance: float) -> bool:
         """diffusers' ``do_classifier_free_guidance``: scale above 1 on a non-distilled checkpoint."""
-        return guidance > 1 and not self.is_distilled
+        return guidance > self.defaults.guidance_threshold
 
     @property
     def pixel_multiple(self) -> int:
         """Width and height must be multiples of this: VAE downscaling times the 2x2 packing."""
         return self.vae_config.scale_factor * PATCH
 
+    def size_multiple(self) -> int:
+        return self.pixel_multiple
+
+    text_encoder = Pipeline.network("text_encoder")
+    transformer = Pipeline.network("transformer")
+    vae = Pipeline.network("vae")
+
+    def load_text_encoder(self) -> Qwen3TextEncoder:
+        return self.component("text_encoder")  # type: ignore[return-value]
+
+    def load_transformer(self) -> Flux2Transformer:
+        return self.component("transformer")  # type: ignore[return-value]
+
+    def load_vae(self) -> Flux2VAEDecoder:
+        return self.component("vae")  # type: ignore[return-value]
+
     # -- memory --------------------------------------------------------------------------------------
 
     @property
     def itemsize(self) -> int:
         return 2 if self.dtype in (mx.bfloat16, mx.float16) else 4
-
-    def _component_dtype(self, name: str) -> mx.Dtype:
-        return mx.float32 if name == "vae" and self.vae_config.decoder.force_upcast else self.dtype
-
-    def weight_bytes(self) -> dict[str, int]:
-        """Bytes of the tensors each component loads, at the dtype it computes in (from the manifest alone)."""
-        sizes = {}
-        for name, model in self._blueprints.items():
-            itemsize = 4 if self._component_dtype(name) == mx.float32 else 2
-            sizes[name] = self.source.weight_bytes(name, model.param_name, itemsize)
-        return sizes
 
     def activation_bytes(self, width: int, height: int, batch: int) -> int:
         """A generous bound on working memory for one step and for the decode."""
@@ -182,73 +189,7 @@ class Flux2Model:
         decode = width * height * channels[min(1, len(channels) - 1)] * 4 * 6
         return max(step, decode + ATTENTION_CHUNK * 4)
 
-    def plan_memory(self, request: GenerationRequest, available: int | None = None) -> int:
-        """Decide whether the text encoder stays loaded; raise (need X GB, have Y GB) if nothing fits."""
-        have = available_memory() if available is None else available
-        weights = self.weight_bytes()
-        work = self.activation_bytes(request.width, request.height, 2 if self.uses_guidance(request.guidance) else 1)
-        everything = sum(weights.values()) + work
-        self.log(
-            f"memory: weights {sum(weights.values()) / GB:.2f} GB"
-            f" (text encoder {weights['text_encoder'] / GB:.2f}, transformer {weights['transformer'] / GB:.2f},"
-            f" vae {weights['vae'] / GB:.2f}), working ~{work / GB:.2f} GB, available {have / GB:.2f} GB"
-        )
-        what = f"model {self.source.where} at {request.width}x{request.height}"
-        if not self.keep_loaded:
-            one_at_a_time = max(weights["text_encoder"], weights["transformer"] + work, weights["vae"] + work)
-            check_memory(one_at_a_time, have, what)
-            self.log(f"loading one component at a time: peak ~{one_at_a_time / GB:.2f} GB")
-            return one_at_a_time
-        sequential = max(weights["text_encoder"], weights["transformer"] + weights["vae"] + work)
-        if not have or everything <= have:
-            self.keep_text_encoder = True
-            return everything
-        check_memory(sequential, have, what)
-        self.keep_text_encoder = False
-        self.log("memory is tight: the text encoder is freed after encoding the prompt")
-        return sequential
-
-    # -- loading -------------------------------------------------------------------------------------
-
-    def _load(self, name: str):  # noqa: ANN202 - returns the component's own type
-        start = time.perf_counter()
-        model = self._blueprints[name]
-        self.source.load(name, model, model.param_name, self._component_dtype(name))
-        self.log(f"loaded {name} in {time.perf_counter() - start:.2f}s")
-        return model
-
-    def load_text_encoder(self) -> Qwen3TextEncoder:
-        if self.text_encoder is None:
-            self.text_encoder = self._load("text_encoder")
-        return self.text_encoder
-
-    def load_transformer(self) -> Flux2Transformer:
-        if self.transformer is None:
-            self.transformer = self._load("transformer")
-        return self.transformer
-
-    def load_vae(self) -> Flux2VAEDecoder:
-        if self.vae is None:
-            self.vae = self._load("vae")
-        return self.vae
-
-    def load(self) -> None:
-        """Load every component now (a server does this once; ``generate`` otherwise loads on demand)."""
-        self.load_text_encoder()
-        self.load_transformer()
-        self.load_vae()
-
-    def free(self, name: str) -> None:
-        """Drop a loaded network (it reloads from the store on next use) and return its memory."""
-        setattr(self, name, None)
-        self._blueprints[name] = self._build(name)
-        gc.collect()
-        mx.clear_cache()
-
-    def free_text_encoder(self) -> None:
-        self.free("text_encoder")
-
-    # -- pieces of a generation ----------------------------------------------------------------------
+    # -- a generation --------------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str) -> mx.array:
         """(512, 3 x hidden) prompt embedding: hidden states 9, 18, 27 of the padded, templated prompt."""
@@ -258,22 +199,80 @@ class Flux2Model:
         mx.eval(out)
         return out
 
+    def generate(self, request: GenerationRequest, cancel: threading.Event | None = None,
+                 latents: np.ndarray | None = None, previews: Collection[int] = ()) -> Iterator[Event]:
+        """Run one text-to-image generation, yielding progress; the last event is the ``Image``.
 
-def check_request(request: GenerationRequest, model: Flux2Model | None = None) -> None:
-    """Usage errors (exit 2) for sizes, steps and guidance the pipeline cannot honour."""
-    multiple = 16 if model is None else model.pixel_multiple
-    for what, value in (("width", request.width), ("height", request.height)):
-        if value <= 0 or value % multiple:
-            raise UsageError(f"--size: {what} {value} is not a positive multiple of {multiple}")
-    if request.steps < 1:
-        raise UsageError(f"--steps: {request.steps} must be at least 1")
-    if request.guidance < 0:
-        raise UsageError(f"--guidance: {request.guidance} must not be negative")
-    if not request.prompt:
-        raise UsageError("the prompt is empty")
+        ``latents`` overrides the seed's noise: (1, in_channels, H/16, W/16), as diffusers' ``latents=``.
+        ``request.negative`` is the guidance prompt (diffusers always uses "", the default).
+        """
+        request = self.resolve(request)
+        assert request.width and request.height and request.steps and request.guidance is not None
+        started = time.perf_counter()
+        cfg = self.transformer_config
+        use_cfg = self.uses_guidance(request.guidance)
+        if request.guidance > 1 and self.is_distilled:
+            self.log(f"guidance {request.guidance} is ignored: the model is step-distilled")
+
+        if self.text_encoder is None:
+            yield Stage("load text_encoder")
+            self.load_text_encoder()
+        yield Stage("encode")
+        prompts = [request.prompt] + ([request.negative] if use_cfg else [])
+        context = mx.stack([self.encode_prompt(p) for p in prompts])
+        self.done_with("text_encoder")
+        self.check_cancel(cancel)
+
+        if self.transformer is None:
+            yield Stage("load transformer")
+        transformer = self.load_transformer()
+        multiple = self.pixel_multiple
+        h, w = request.height // multiple, request.width // multiple
+        if latents is None:
+            latents = initial_noise(request.seed, cfg.in_channels, request.height, request.width, multiple)
+        if tuple(latents.shape) != (1, cfg.in_channels, h, w):
+            raise ImgpackError(f"latents have shape {tuple(latents.shape)}, expected {(1, cfg.in_channels, h, w)}")
+        # Pack: (1, C, h, w) -> (1, h*w, C), tokens in raster order.
+        x = mx.array(latents.astype(np.float32)).reshape(1, cfg.in_channels, h * w).transpose(0, 2, 1)
+        scheduler = schedule(self, request.steps, h * w)
+        img, txt = image_ids(h, w), text_ids(TEXT_LENGTH)
+
+        yield Stage("denoise")
+        for i in range(scheduler.num_steps):
+            self.check_cancel(cancel)
+            start = time.perf_counter()
+            pred = transformer(x, context, transformer_time(scheduler, i), img, txt).astype(mx.float32)
+            flow = pred[1:] + request.guidance * (pred[:1] - pred[1:]) if use_cfg else pred
+            x = x + scheduler.step_size(i) * flow
+            mx.eval(x)
+            yield Step(i + 1, scheduler.num_steps, time.perf_counter() - start)
+            if i + 1 in previews:
+                predicted = x - float(scheduler.sigmas[i + 1]) * flow
+                preview = self.load_vae()(predicted.transpose(0, 2, 1).reshape(1, cfg.in_channels, h, w))
+                mx.eval(preview)
+                yield Preview(i + 1, scheduler.num_steps, to_pixels(preview))
+                del preview, predicted
+        self.check_cancel(cancel)
+        del transformer
+        self.done_with("transformer")
+
+        if self.vae is None:
+            yield Stage("load vae")
+        vae = self.load_vae()
+        yield Stage("decode")
+        image = vae(x.transpose(0, 2, 1).reshape(1, cfg.in_channels, h, w))
+        mx.eval(image)
+        pixels = to_pixels(image)
+        del image, vae
+        self.done_with("vae")
+        yield Image(pixels, request.seed, time.perf_counter() - started)
 
 
-def schedule(model: Flux2Model, steps: int, image_tokens: int) -> FlowMatchEulerScheduler:
+#: The name the FLUX.2 tests know the pipeline by.
+Flux2Model = Flux2Pipeline
+
+
+def schedule(model: Flux2Pipeline, steps: int, image_tokens: int) -> FlowMatchEulerScheduler:
     """The klein pipeline's sigmas: numpy's ``linspace(1, 1/N, N)`` shifted by the empirical mu."""
     ramp = np.linspace(1.0, 1.0 / steps, steps)
     mu = compute_empirical_mu(image_tokens, steps)
@@ -285,86 +284,10 @@ def transformer_time(scheduler: FlowMatchEulerScheduler, i: int) -> float:
     return float(np.float32(scheduler.timesteps[i]) / np.float32(1000.0))
 
 
-def generate(
-    model: Flux2Model,
-    request: GenerationRequest,
-    cancel: threading.Event | None = None,
-    latents: np.ndarray | None = None,
-) -> Iterator[Event]:
-    """Run one text-to-image generation, yielding progress; the last event is the ``Image``.
-
-    ``latents`` overrides the seed's noise: (1, in_channels, H/16, W/16), as diffusers' ``latents=``.
-    ``request.negative`` is the guidance prompt (diffusers always uses "", the default).
-    """
-    check_request(request, model)
-    cfg = model.transformer_config
-    use_cfg = model.uses_guidance(request.guidance)
-    if request.guidance > 1 and model.is_distilled:
-        model.log(f"guidance {request.guidance} is ignored: the model is step-distilled")
-
-    def cancelled() -> None:
-        if cancel is not None and cancel.is_set():
-            raise GenerationCancelled("generation cancelled")
-
-    if model.text_encoder is None:
-        yield Stage("load text_encoder")
-        model.load_text_encoder()
-    yield Stage("encode")
-    prompts = [request.prompt] + ([request.negative] if use_cfg else [])
-    context = mx.stack([model.encode_prompt(p) for p in prompts])
-    if not (model.keep_loaded and model.keep_text_encoder):
-        model.free("text_encoder")
-    cancelled()
-
-    if model.transformer is None:
-        yield Stage("load transformer")
-    transformer = model.load_transformer()
-    multiple = model.pixel_multiple
-    h, w = request.height // multiple, request.width // multiple
-    if latents is None:
-        latents = initial_noise(request.seed, cfg.in_channels, request.height, request.width, multiple)
-    if tuple(latents.shape) != (1, cfg.in_channels, h, w):
-        raise ImgpackError(f"latents have shape {tuple(latents.shape)}, expected {(1, cfg.in_channels, h, w)}")
-    # Pack: (1, C, h, w) -> (1, h*w, C), tokens in raster order.
-    x = mx.array(latents.astype(np.float32)).reshape(1, cfg.in_channels, h * w).transpose(0, 2, 1)
-    scheduler = schedule(model, request.steps, h * w)
-    img, txt = image_ids(h, w), text_ids(TEXT_LENGTH)
-
-    yield Stage("denoise")
-    for i in range(scheduler.num_steps):
-        cancelled()
-        start = time.perf_counter()
-        pred = transformer(x, context, transformer_time(scheduler, i), img, txt).astype(mx.float32)
-        flow = pred[1:] + request.guidance * (pred[:1] - pred[1:]) if use_cfg else pred
-        x = x + scheduler.step_size(i) * flow
-        mx.eval(x)
-        yield Step(i + 1, scheduler.num_steps, time.perf_counter() - start)
-    cancelled()
-    del transformer
-    if not model.keep_loaded:
-        model.free("transformer")
-
-    if model.vae is None:
-        yield Stage("load vae")
-    vae = model.load_vae()
-    yield Stage("decode")
-    image = vae(x.transpose(0, 2, 1).reshape(1, cfg.in_channels, h, w))
-    mx.eval(image)
-    pixels = to_pixels(image)
-    del image, vae
-    if not model.keep_loaded:
-        model.free("vae")
-    yield Image(pixels, request.seed)
-
-
-def run_to_image(model: Flux2Model, request: GenerationRequest, **kwargs: object) -> Image:
-    """Drain ``generate`` and return its image (for callers that do not want progress)."""
-    result = None
-    for event in generate(model, request, **kwargs):  # type: ignore[arg-type]
-        if isinstance(event, Image):
-            result = event
-    assert result is not None
-    return result
+def generate(model: Pipeline, request: GenerationRequest, cancel: threading.Event | None = None,
+             latents: np.ndarray | None = None, previews: Collection[int] = ()) -> Iterator[Event]:
+    """``model.generate(...)``, as a function."""
+    return model.generate(request, cancel=cancel, latents=latents, previews=previews)
 
 
 __all__ = [
@@ -373,12 +296,12 @@ __all__ = [
     "DISTILLED_GUIDANCE",
     "DISTILLED_STEPS",
     "Flux2Model",
+    "Flux2Pipeline",
     "GenerationCancelled",
     "GenerationRequest",
     "Image",
     "Stage",
     "Step",
-    "check_request",
     "generate",
     "initial_noise",
     "run_to_image",

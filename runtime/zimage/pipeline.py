@@ -53,6 +53,7 @@ class ZImagePipeline(Pipeline):
 
     def __init__(self, source: ModelSource, log: Callable[[str], None] | None = None, keep_loaded: bool = True,
                  force: bool = False) -> None:
+        self.require_architecture(source)
         self.source = source
         self.transformer_config = ZImageConfig.from_dict(source.read_json("transformer/config.json"))
         self.text_config = Qwen3Config.from_dict(source.read_json("text_encoder/config.json"))
