@@ -524,23 +524,15 @@ class ArtifactCheck:
                 r.fail("FIL-004", desc.subject, message)
             if parsed is None:
                 continue
-            header = {e.key: {"dtype": e.dtype, "shape": e.shape, "data_offsets": [e.begin, e.end]}
-                      for e in parsed.entries.values()}
             prefix = desc.name.rsplit("/", 1)[0] + "/" if "/" in desc.name else ""
-            spans = []
-            for key, entry in header.items():
-                if key == "__metadata__":
-                    continue
-                if not isinstance(entry, dict) or not isinstance(entry.get("data_offsets"), list) or \
-                        len(entry["data_offsets"]) != 2:
-                    r.fail("FIL-004", desc.subject, f"entry {key!r} has no data_offsets pair")
-                    continue
-                spans.append((entry["data_offsets"][0], entry["data_offsets"][1], key))
+            spans: list[tuple[int, int, str]] = []
+            for key, entry in parsed.entries.items():  # the parser has checked each entry's fields and offsets
+                spans.append((entry.begin, entry.end, key))
                 tensor = self.tensors.get(prefix + key)
                 if tensor is None:
                     r.fail("FIL-004", desc.subject, f"lists tensor {prefix + key!r}, which has no layer")
-                elif (tensor.dtype, tensor.shape) != (entry.get("dtype"), entry.get("shape")):
-                    r.fail("FIL-004", desc.subject, f"lists {key!r} as {entry.get('dtype')} {entry.get('shape')},"
+                elif (tensor.dtype, tensor.shape) != (entry.dtype, entry.shape):
+                    r.fail("FIL-004", desc.subject, f"lists {key!r} as {entry.dtype} {entry.shape},"
                                                     f" the layer is {tensor.dtype} {tensor.shape}")
             end = 0
             for begin, stop, key in sorted(spans, key=lambda s: (s[0], s[1])):
@@ -595,7 +587,7 @@ class ArtifactCheck:
         if self.architecture and config.get("architecture") != self.architecture:
             r.fail("CFG-002", "config", f"architecture {config.get('architecture')!r} but model_index.json says"
                                         f" {self.architecture!r}")
-        params = sum(math.prod(t.shape) for t in tensors)
+        params = sum(math.prod(t.shape or []) for t in tensors)
         if len(tensors) == len(self.tensors) and config.get("parameterCount") != params:
             r.fail("CFG-002", "config", f"parameterCount {config.get('parameterCount')} but the tensors hold"
                                         f" {params}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from typing import TypeGuard
 
 from imgpack.schemas.errors import ImgpackError
 
@@ -24,7 +25,7 @@ def check_digest(digest: str, what: str = "digest") -> str:
     return match.group(1)
 
 
-def is_digest(value: str) -> bool:
+def is_digest(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and _DIGEST_RE.match(value) is not None
 
 

@@ -213,7 +213,7 @@ class ModelManifest:
                         f"{source}: layer {layer.name!r}: size {layer.size} is too small for a"
                         f" {layer.dtype} tensor of shape {layer.shape} ({expected} data bytes plus header)"
                     )
-        check_unique([layer.name for layer in layers if not layer.is_header], source)
-        check_unique([layer.name for layer in layers if layer.is_header], source)
+        check_unique([layer.name or "" for layer in layers if not layer.is_header], source)
+        check_unique([layer.name or "" for layer in layers if layer.is_header], source)
         check_tree([layer.name for layer in layers if layer.name and not layer.is_header], source)
         return cls(raw, document, Layer.from_json(document["config"]), layers, source)

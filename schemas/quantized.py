@@ -252,8 +252,11 @@ class QuantizationError(ImgpackError):
 
 
 class _HasDtypeShape(Protocol):
-    dtype: str
-    shape: list[int]
+    @property
+    def dtype(self) -> str: ...
+
+    @property
+    def shape(self) -> list[int]: ...
 
 
 def _split_keys(entries: Mapping[str, object], name: str | None) -> tuple[str | None, list[str]]:

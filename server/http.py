@@ -93,7 +93,7 @@ class ImageServer(HttpServer):
         allowed_hosts: tuple[str, ...] = (),
         allowed_origins: tuple[str, ...] = (),
         workers: int = DEFAULT_WORKERS,
-        **timeouts: float,
+        **timeouts: Any,  # header/body/idle/write timeouts (s), max_connections: see wire.HttpServer
     ) -> None:
         super().__init__(address, max_body=max_body, workers=workers, **timeouts)
         self.store = store

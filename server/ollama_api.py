@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import importlib.metadata
 import json
 import math
@@ -189,6 +190,7 @@ def _line(body: Any) -> bytes:
 def _stream(server: ImageServer, ex: Exchange, job: Job, started: float) -> None:
     spec = job.spec
     ex.start_stream(200, NDJSON)
+    line: dict[str, Any]
     for kind, payload in job_events(ex, server.manager, job):
         if kind == PROGRESS:
             line = {"model": spec.model, "created_at": _now(), "response": "", "done": False,
@@ -199,7 +201,7 @@ def _stream(server: ImageServer, ex: Exchange, job: Job, started: float) -> None
             line = {"error": _job_error(kind, payload).message}
         else:
             continue
-        guarded(ex, server.manager, job, lambda line=line: ex.write(_line(line)))
+        guarded(ex, server.manager, job, functools.partial(ex.write, _line(line)))
     ex.end_stream()
 
 

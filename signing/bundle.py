@@ -231,12 +231,12 @@ def _proto(
 ) -> dict[str, Any]:
     """A protojson message: JSON names or proto field names, unknown fields refused, each field once, and
     null read as an absent field (protojson's rule)."""
-    names = {**{_snake(f): f for f in fields}, **{f: f for f in fields}, **(aliases or {})}
+    names: dict[str, str] = {**{_snake(f): f for f in fields}, **{f: f for f in fields}, **(aliases or {})}
     if not isinstance(document, dict):
         return members(document, what, fields)  # raises, naming the type
     out: dict[str, Any] = {}
     for key, value in document.items():
-        name = names.get(key, key)
+        name = names.get(key, str(key))
         if value is None and name in fields:
             continue
         if name in out:

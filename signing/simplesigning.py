@@ -171,7 +171,7 @@ def add_signature(
     are the new config and the new payload; the existing layers' blobs are already beside the manifest.
     """
     tag = signature_tag(manifest_digest)
-    media_type, layers = spec.OCI_MANIFEST, []
+    media_type, layers = spec.OCI_MANIFEST, list[Descriptor]()
     if existing is not None:
         media_type, layers = _read_manifest(existing, f"existing signature manifest {tag}")
     new = layer.descriptor

@@ -321,7 +321,7 @@ def pack(name: str, model: Model, flavour: str = "oci", *, tensor_key: Callable[
     vector.layers = files + headers + tensors
     if titles:
         for layer in vector.layers:
-            layer["annotations"] = {spec.TITLE_ANNOTATION: title_for(layer["name"], layer["mediaType"])}
+            layer["annotations"] = {spec.TITLE_ANNOTATION: title_for(str(layer["name"]), str(layer["mediaType"]))}
     if "model_index.json" in model.files:
         vector.model_index = json.loads(model.files["model_index.json"])
     return vector

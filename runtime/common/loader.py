@@ -191,8 +191,8 @@ class ModelSource:
         if name in self._info:
             return self._info[name]
         quant = QuantLayout.parse_annotation(layer.quantization, name) if layer.quantization else None
-        described = layer.dtype is not None and layer.shape is not None
-        if described and (quant is not None or not self._maybe_quantized(layer)):
+        if layer.dtype is not None and layer.shape is not None and (
+                quant is not None or not self._maybe_quantized(layer)):
             found = TensorInfo(layer.dtype, list(layer.shape), quant)
         else:
             found = self._info_from_blob(layer)
@@ -478,9 +478,11 @@ def plan_component(source: ModelSource, component: str, model: nn.Module) -> dic
 def _load(source: ModelSource, layer: Layer) -> dict[str, mx.array]:
     path = source.blob_path(layer)
     try:
-        return mx.load(str(path), format="safetensors")
+        loaded = mx.load(str(path), format="safetensors")
     except Exception as e:  # noqa: BLE001 - MLX raises RuntimeError/ValueError for unreadable files
         raise IntegrityError(f"{source.where}: tensor {layer.name!r}: blob {layer.digest} is unreadable: {e}") from None
+    assert isinstance(loaded, dict)  # a safetensors file always loads as a name -> array mapping
+    return loaded
 
 
 def load_tensor(source: ModelSource, layer: Layer, info: TensorInfo | None = None) -> mx.array:

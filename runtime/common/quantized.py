@@ -170,7 +170,7 @@ def _st_dtype(dtype: mx.Dtype) -> str:
 
 def _buffer(array: mx.array) -> memoryview:
     mx.eval(array)
-    view = memoryview(array)
+    view = memoryview(array)  # type: ignore[arg-type]  # mx.array has the buffer protocol
     return view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
 
 

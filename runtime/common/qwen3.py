@@ -93,9 +93,8 @@ class Qwen3Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).reshape(b, n, self.n_heads, self.head_dim)).transpose(0, 2, 1, 3)
         k = self.k_norm(self.k_proj(x).reshape(b, n, self.n_kv_heads, self.head_dim)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(b, n, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        rope = {"traditional": False, "base": None, "scale": 1.0, "offset": 0, "freqs": self._rope_periods}
-        q = mx.fast.rope(q, self.head_dim, **rope)
-        k = mx.fast.rope(k, self.head_dim, **rope)
+        q = mx.fast.rope(q, self.head_dim, traditional=False, base=None, scale=1.0, offset=0, freqs=self._rope_periods)
+        k = mx.fast.rope(k, self.head_dim, traditional=False, base=None, scale=1.0, offset=0, freqs=self._rope_periods)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, n, -1))
 

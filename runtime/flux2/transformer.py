@@ -165,7 +165,8 @@ class Modulation(nn.Module):
         self.linear = nn.Linear(dim, 3 * sets * dim, bias=False)
 
     def __call__(self, temb: mx.array) -> list[mx.array]:
-        return mx.split(self.linear(nn.silu(temb))[:, None], 3 * self.sets, axis=-1)
+        parts = mx.split(self.linear(nn.silu(temb))[:, None], 3 * self.sets, axis=-1)
+        return list(parts)  # split by a count: a list of arrays
 
 
 class FeedForward(nn.Module):
@@ -358,7 +359,7 @@ class Flux2Transformer(nn.Module):
             x, c = block(x, c, mod_img, mod_txt, cos, sin)
             mx.eval(x, c)  # bound the graph, and so the live activations, to one block
         z = mx.concatenate([c, x], axis=1)
-        for block in self.single_transformer_blocks:
-            z = block(z, mod_single, cos, sin)
+        for single in self.single_transformer_blocks:
+            z = single(z, mod_single, cos, sin)
             mx.eval(z)
         return self.proj_out(self.norm_out(z[:, t_len:], temb))

@@ -187,6 +187,7 @@ class TransformerBlock(nn.Module):
         if not self.modulated:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), cos, sin, mask))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        assert adaln is not None, "a modulated block needs the timestep embedding"
         scale_msa, gate_msa, scale_mlp, gate_mlp = mx.split(self.adaLN_modulation(adaln)[:, None], 4, axis=-1)
         attn = self.attention(self.attention_norm1(x) * (1.0 + scale_msa), cos, sin, mask)
         x = x + mx.tanh(gate_msa) * self.attention_norm2(attn)
