@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import requests
 import urllib3
 
-from imgpack.registry.layout import DiskFull, ShortBlob
+from imgpack.registry.layout import DiskFull, LayoutTarget, ShortBlob
 from imgpack.registry.progress import Reporter, descriptor_component
 from imgpack.registry.remote import MIN_RATE, LayerLimit
 from imgpack.registry.retry import Cancelled
@@ -203,6 +203,8 @@ def copy_graph(
         result.existing = len(blobs)
     else:
         with dst.session():
+            if isinstance(dst, LayoutTarget):
+                dst.check_space(blobs)  # a registry declaring a 1 TB blob is refused before a byte moves
             _move_blobs(src, dst, blobs, result, hooks, reporter, cancel, concurrency)
             if hooks.before_commit is not None:
                 hooks.before_commit(dst, graph)

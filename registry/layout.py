@@ -3,18 +3,22 @@
 Incoming blobs are written to the store's resumable partial file (``Store.partial_path``) while being hashed;
 an interrupted download keeps its bytes and the next attempt asks only for the rest with ``Range``. A blob whose
 size or digest does not match is deleted and reported, so nothing unverified ever reaches ``blobs/``. Before a
-download starts, its declared size is checked against the free disk space, so a registry that declares a 1 TB
-blob is refused at once instead of filling the disk. Nodes are indexed only after all they point at is present
-(``Store.put_node`` refuses otherwise).
+copy moves a byte, what it must still download is checked against the free disk space (and each blob again as it
+starts, for other writers), so a registry that declares a 1 TB blob is refused at once instead of filling the
+disk; a disk that fills up anyway is :class:`DiskFull`, saying what partial downloads hold and that ``imgpack
+prune`` reclaims it. Nodes are indexed only after all they point at is present (``Store.put_node`` refuses
+otherwise), and a model refused for its content (:class:`RefusedContent`) takes out the blobs the copy added.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -34,25 +38,43 @@ DISK_MARGIN = 256 * 1024 * 1024
 
 
 class DiskFull(ImgpackError):
-    """Not enough free disk for what a transfer declares; nothing is written."""
+    """Not enough free disk for what a transfer declares (nothing is written), or the disk filled up during it."""
 
     exit_code = 5
 
 
+class RefusedContent(IntegrityError):
+    """Blobs that match their digests but are not what their layers say: the copy is refused, and the blobs it
+    added are taken out again (:meth:`LayoutTarget.session`), so the store is as it was."""
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def reclaim_hint(store: Store | None) -> str:
+    """How to get disk back: what partial downloads hold, and that ``imgpack prune`` deletes them."""
+    partial = store.partial_bytes() if store is not None else 0
+    if partial:
+        return (f"{_size(partial)} are held by partial downloads (kept to resume); 'imgpack prune' deletes them"
+                " and every blob no model uses")
+    return "free some space, or run 'imgpack prune' to delete blobs no model uses"
+
+
 def check_free_space(directory: Path, need: int, what: str, store: Store | None = None) -> None:
-    """Refuse ``need`` more bytes under ``directory`` when the disk cannot hold them."""
+    """Refuse ``need`` more bytes under ``directory`` when the disk cannot hold them and a margin."""
     try:
         free = shutil.disk_usage(directory).free
     except OSError:
         return
     if need + DISK_MARGIN > free:
-        hint = ""
-        if store is not None:
-            partial = store.partial_bytes()
-            if partial:
-                hint = f"; {partial / 1e9:.1f} GB are held by partial downloads, which 'imgpack prune' reclaims"
-        raise DiskFull(f"{what}: needs {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free on"
-                       f" {directory}{hint}")
+        spare = f" (and {_size(DISK_MARGIN)} to spare)" if need <= free else ""
+        raise DiskFull(f"{what}: needs {_size(need)}{spare} but only {_size(free)} is free on {directory};"
+                       f" {reclaim_hint(store)}")
 
 
 class LayoutTarget:
@@ -71,15 +93,42 @@ class LayoutTarget:
         #: Digests a partial pull left out on purpose: a node may be indexed without them, marked ``partial``.
         self.allow_missing: set[str] = set()
         self.partial: str | None = None
+        #: Blobs this target downloaded (not those it found): what a refused copy takes out again.
+        self.added: set[str] = set()
+        self._added_lock = threading.Lock()
 
     def describe(self, reference: str | None = None) -> str:
         where = self.label or f"store {self.store.root}"
         return f"{where} {reference}" if reference else where
 
-    def session(self) -> contextlib.AbstractContextManager[None]:
-        # Shared garbage-collection lock: `imgpack prune` cannot delete blobs we just wrote before the manifest
-        # that references them is indexed.
-        return self.store.writing()
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Hold the shared garbage-collection lock (``imgpack prune`` cannot delete blobs we just wrote before the
+        manifest that references them is indexed); a copy refused for its content leaves no blob behind."""
+        try:
+            with self.store.writing():
+                yield
+        except RefusedContent:
+            self.store.discard_unreferenced(self.added)
+            raise
+
+    def check_space(self, blobs: list[Descriptor]) -> None:
+        """Refuse a copy before any blob moves when what it still has to download cannot fit on the disk."""
+        missing = [d for d in blobs if not self.store.has_blob(d.digest, d.size)]
+        if not missing:
+            return
+        need = 0
+        for desc in missing:
+            try:
+                have = min(desc.size, self.store.partial_path(desc.digest).stat().st_size)
+            except FileNotFoundError:
+                have = 0
+            need += desc.size - have
+        largest = max(missing, key=lambda d: d.size)
+        name = largest.fields.get("name") or largest.digest
+        what = (f"{self.describe()}: {len(missing)} blobs to download (the largest, {name!r}, declares"
+                f" {_size(largest.size)})")
+        check_free_space(self.store.ingest_dir, need, what, self.store)
 
     def _entry_name(self, reference: str) -> str:
         if self.plain_tags or is_digest(reference):
@@ -154,12 +203,21 @@ class LayoutTarget:
         with _locked_partial(path) as fh:
             created = os.fstat(fh.fileno()).st_size == 0
             try:
-                return self._download(desc, source, progress, path, fh, str(label))
+                status = self._download(desc, source, progress, path, fh, str(label))
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise DiskFull(f"layer {label!r}: the disk holding {self.store.root} filled up ({e.strerror});"
+                               f" {reclaim_hint(self.store)}") from None
             finally:
                 # A partial we created and never wrote to is not worth keeping (nothing to resume).
                 if created and path.exists() and os.fstat(fh.fileno()).st_size == 0:
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
+            if status in (BlobStatus.DOWNLOADED, BlobStatus.RESUMED):
+                with self._added_lock:
+                    self.added.add(desc.digest)
+            return status
 
     def _download(self, desc: Descriptor, source: BlobSource, progress: ProgressFn, path: Path, fh: BinaryIO,
                   label: str) -> BlobStatus:
@@ -196,7 +254,8 @@ class LayoutTarget:
                     progress(len(chunk))
         except BaseException:
             # Keep what arrived (unless it was proven wrong): a rerun resumes with a Range request.
-            fh.flush()
+            with contextlib.suppress(OSError):  # a full disk may refuse the rest; the resume re-hashes what is there
+                fh.flush()
             progress(-moved)
             raise
         fh.flush()
@@ -238,8 +297,13 @@ def _locked_partial(path: Path) -> Iterator[BinaryIO]:
         if same:
             break
         fh.close()
-    with fh:
+    try:
         yield fh
+    finally:
+        # On a full disk the final flush fails too; the descriptor is closed regardless, and what did not reach
+        # the partial file is fetched again on resume.
+        with contextlib.suppress(OSError):
+            fh.close()
 
 
 class ShortBlob(IntegrityError):

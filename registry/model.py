@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from imgpack.registry.copy import CopyHooks, CopyResult, Graph
+from imgpack.registry.layout import RefusedContent
 from imgpack.registry.progress import descriptor_component, descriptor_name
 from imgpack.registry.remote import LayerLimit
 from imgpack.registry.split import (
@@ -125,7 +126,8 @@ class Selection:
 
 
 def check_content(dst: Target, graph: Graph, flavour: str, where: str) -> None:
-    """Refuse the copy when a tensor, header, JSON or config blob now at ``dst`` is malformed."""
+    """Refuse the copy (:class:`RefusedContent`) when a tensor, header, JSON or config blob now at ``dst`` is
+    malformed."""
     root = graph.root_node()
     problems: list[str] = []
 
@@ -158,7 +160,7 @@ def check_content(dst: Target, graph: Graph, flavour: str, where: str) -> None:
         problems.extend(f"config blob: {message} ({check})" for check, message in config)
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise IntegrityError(f"{where}: the model's content is invalid: {'; '.join(problems[:3])}{more};"
+        raise RefusedContent(f"{where}: the model's content is invalid: {'; '.join(problems[:3])}{more};"
                              " nothing was indexed")
 
 

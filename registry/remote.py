@@ -289,7 +289,12 @@ class RemoteRepository:
         """The body's chunks; a stream that falls below the minimum rate is cut off (the caller resumes it)."""
         cancel = self.client.retry.cancel
         window_start, window_bytes = time.monotonic(), 0
-        for chunk in resp.raw.stream(READ_CHUNK, decode_content=False):
+        # read1 returns what has arrived; stream() waits for a full READ_CHUNK, so a registry dripping a few bytes
+        # a second would never yield a chunk to measure (nor trip the per-read socket timeout).
+        read1 = getattr(resp.raw, "read1", None)  # urllib3 >= 2
+        chunks = (iter(lambda: read1(READ_CHUNK, decode_content=False), b"") if read1 is not None
+                  else resp.raw.stream(READ_CHUNK, decode_content=False))
+        for chunk in chunks:
             if cancel.is_set():
                 raise Cancelled("interrupted")
             window_bytes += len(chunk)

@@ -195,6 +195,8 @@ class ModelManifest:
             raise ImgpackError(f"{source}: manifest is {len(raw)} bytes, over the {spec.MAX_MANIFEST_BYTES} limit")
         try:
             document = json.loads(raw)
+        except RecursionError:
+            raise ImgpackError(f"{source}: manifest is JSON nested too deeply to parse") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ImgpackError(f"{source}: manifest is not valid JSON: {e}") from None
         if isinstance(document, dict) and document.get("mediaType") in (spec.OCI_INDEX, spec.DOCKER_MANIFEST_LIST):

@@ -188,6 +188,8 @@ class QuantLayout:
         """Parse and check a :data:`QUANT_ANNOTATION` value; raises naming ``where`` (the layer)."""
         try:
             doc = json.loads(value)
+        except RecursionError:
+            raise ImgpackError(f"{where}: {QUANT_ANNOTATION} is JSON nested too deeply to parse") from None
         except (TypeError, json.JSONDecodeError) as e:
             raise ImgpackError(f"{where}: {QUANT_ANNOTATION} is not JSON: {e}") from None
         if not isinstance(doc, dict) or set(doc) != set(_ANNOTATION_KEYS):

@@ -56,3 +56,6 @@ MAX_TENSOR_BLOB_HEADER = 64 * 1024
 #: Largest manifest accepted from a registry or a file (distribution's default limit is 4 MiB).
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_NAME_LENGTH = 1024
+#: Longest path segment of a name, in UTF-8 bytes: the most ext4, XFS and APFS take as one file name (NTFS: 255
+#: UTF-16 units, never more than the UTF-8 bytes).
+MAX_SEGMENT_LENGTH = 255

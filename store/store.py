@@ -546,6 +546,32 @@ class Store:
                     removed += 1
         return removed, freed
 
+    def discard_unreferenced(self, digests: set[str] | frozenset[str]) -> int:
+        """Delete those of ``digests`` that no indexed manifest references: what a refused pull or load added.
+
+        Only while no other writer holds the gc lock (one may be about to index a manifest that needs them);
+        otherwise they stay for ``prune``. Returns how many were deleted.
+        """
+        if not digests:
+            return 0
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.state_dir / "gc.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return 0
+            removed = 0
+            with self.locked():
+                keep = self.referenced_blobs()
+                for digest in set(digests) - keep:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.blob_path(digest).unlink()
+                        removed += 1
+            return removed
+        finally:
+            os.close(fd)
+
     def partial_bytes(self) -> int:
         """Bytes held by resumable partial downloads (what ``prune`` would reclaim from the ingest area)."""
         total = 0

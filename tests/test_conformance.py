@@ -214,6 +214,7 @@ MANIFEST_REFUSES = {
     "MAN-003-unknown-layer-media-type": "mediaType",
     "MAN-006-tensor-without-shape": "shape",
     "NAM-001-parent-segment": "weights/../escape.json",
+    "NAM-001-bidi-override": "U+202E",
     "NAM-002-duplicate-name": "duplicate layer name 'weights/config.json'",
     "NAM-003-file-and-directory": "is also the folder of layer",
 }

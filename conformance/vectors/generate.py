@@ -527,6 +527,15 @@ def build_specs() -> list[Spec]:
 
     add("NAM-001-parent-segment", "a layer name climbs out with '..'", unsafe_name)
 
+    def bidi_name() -> Vector:
+        vector = _generic("nam-001-bidi")
+        layer = vector.layer("weights/config.json")
+        layer["name"] = "weights/nosj.\u202egifnoc.json"  # shows as weights/nosj.json.config on a terminal
+        layer["annotations"][spec.TITLE_ANNOTATION] = layer["name"]
+        return finish(vector)
+
+    add("NAM-001-bidi-override", "a layer name holds U+202E, which shows its tail reversed", bidi_name)
+
     def duplicate() -> Vector:
         vector = _generic("nam-002")
         layer = dict(vector.layer("weights/config.json"))
