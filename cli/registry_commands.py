@@ -71,7 +71,8 @@ def _settings(args: argparse.Namespace):  # noqa: ANN202 - TransferSettings
 
 
 def _reporter(args: argparse.Namespace, operation: str):  # noqa: ANN202 - a Reporter
-    from imgpack.registry.progress import JsonReporter, Reporter, RichReporter
+    from imgpack.cli.progress import RichReporter
+    from imgpack.registry.progress import JsonReporter, Reporter
 
     if args.json:
         return JsonReporter(operation)

@@ -1,4 +1,5 @@
-"""Progress reporting for transfers: silent, JSON lines for CI logs, or a rich bar on a TTY.
+"""Progress reporting for transfers: silent, or JSON lines for CI logs (the terminal bar is the CLI's,
+:mod:`imgpack.cli.progress`).
 
 The engine calls :meth:`Reporter.advance` from worker threads as bytes move (negative when a
 failed attempt is rolled back) and :meth:`Reporter.blob_done` once per blob, so every
@@ -104,84 +105,3 @@ class JsonReporter(Reporter):
 
     def finish(self, result: CopyResult) -> None:
         self._emit({"event": "done", "operation": self.operation, **result.to_json()})
-
-
-class RichReporter(Reporter):
-    """A byte bar (speed, ETA) plus one counting row per model component."""
-
-    def __init__(self, operation: str) -> None:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        from imgpack.cli import ui
-
-        self.operation = operation
-        self.bytes_progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=ui.console,
-            transient=True,
-        )
-        self.count_progress = Progress(
-            TextColumn("  {task.description:<14}"), MofNCompleteColumn(), console=ui.console, transient=True
-        )
-        self.lock = threading.Lock()
-        self.bytes_task = None
-        self.components: dict[str, int] = {}
-        self.live = None
-
-    def start(self, result: CopyResult, layers: list[Descriptor]) -> None:
-        from rich.console import Group
-        from rich.live import Live
-
-        from imgpack.cli import ui
-
-        self.bytes_task = self.bytes_progress.add_task(self.operation, total=result.bytes_total)
-        totals: dict[str, int] = {}
-        for layer in layers:
-            key = _row(layer)
-            totals[key] = totals.get(key, 0) + 1
-        for key, count in sorted(totals.items()):
-            self.components[key] = self.count_progress.add_task(key, total=count)
-        self.live = Live(
-            Group(self.bytes_progress, self.count_progress), console=ui.console, transient=True, refresh_per_second=8
-        )
-        self.live.start()
-
-    def advance(self, n: int) -> None:
-        with self.lock:
-            if self.bytes_task is not None:
-                self.bytes_progress.update(self.bytes_task, advance=n)
-
-    def blob_done(self, layer: Descriptor, status: str, moved: int) -> None:
-        key = _row(layer)
-        with self.lock:
-            if self.bytes_task is not None and layer.size - moved:
-                self.bytes_progress.update(self.bytes_task, advance=layer.size - moved)
-            if key in self.components:
-                self.count_progress.update(self.components[key], advance=1)
-
-    def finish(self, result: CopyResult) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.live is not None:
-            self.live.stop()
-            self.live = None
-
-
-def _row(desc: Descriptor) -> str:
-    if descriptor_name(desc) is None:
-        return "(config)"
-    component = descriptor_component(desc)
-    return "(files)" if component == "." else component
