@@ -192,3 +192,30 @@ def test_bad_seed_and_output_are_refused_before_any_work(cli, tiny_store: Path, 
     folder.mkdir()
     r = cli("run", "tiny", "a fox", "--size", "64x64", "-o", str(folder))
     assert r.code == 1 and "is a directory" in r.err
+
+
+def test_every_command_and_option_has_help() -> None:
+    """``imgpack CMD --help`` explains every option: a flag without help is a flag nobody can discover."""
+    import argparse
+
+    from imgpack.cli.main import build_parser
+
+    missing: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helped = {id(action.choices[c.dest]) for c in action._choices_actions if c.help}
+                seen: set[int] = set()
+                for name, sub in action.choices.items():
+                    if id(sub) in seen:  # an alias (ls for list)
+                        continue
+                    seen.add(id(sub))
+                    if id(sub) not in helped:
+                        missing.append(f"{path} {name} (the command)")
+                    walk(sub, f"{path} {name}")
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "imgpack")
+    assert not missing, "options without help:\n" + "\n".join(missing)
