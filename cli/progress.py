@@ -15,6 +15,9 @@ from imgpack.schemas.graph import Descriptor
 if TYPE_CHECKING:
     from imgpack.registry.copy import CopyResult
 
+#: The bar's title while the operation runs (the summary line after it says "Pulled", "Pushed", "Copied").
+ACTIVE = {"push": "Pushing", "pull": "Pulling", "copy": "Copying"}
+
 
 class RichReporter(Reporter):
     """A byte bar (speed, ETA) plus one counting row per model component."""
@@ -52,7 +55,8 @@ class RichReporter(Reporter):
         from rich.console import Group
         from rich.live import Live
 
-        self.bytes_task = self.bytes_progress.add_task(ui.markup_safe(self.operation), total=result.bytes_total)
+        title = ACTIVE.get(self.operation, self.operation)
+        self.bytes_task = self.bytes_progress.add_task(ui.markup_safe(title), total=result.bytes_total)
         totals: dict[str, int] = {}
         for layer in layers:
             key = row_of(layer)
