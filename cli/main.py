@@ -43,11 +43,11 @@ def version() -> str:
         return "0+unknown"
 
 
-def common_options(suppress: bool) -> argparse.ArgumentParser:
+def common_options(suppress: bool) -> Parser:
     """``--store``, ``-q`` and ``--json``; on subcommands their defaults are suppressed so values given before
     the command survive."""
     default = argparse.SUPPRESS if suppress else None
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = Parser(add_help=False)
     parent.add_argument("--store", metavar="DIR", default=default,
                         help="store directory (default: $IMGPACK_HOME or ~/.imgpack)")
     parent.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS if suppress else False,

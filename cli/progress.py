@@ -13,6 +13,9 @@ from imgpack.registry.progress import Reporter, descriptor_component, descriptor
 from imgpack.schemas.graph import Descriptor
 
 if TYPE_CHECKING:
+    from rich.live import Live
+    from rich.progress import TaskID
+
     from imgpack.registry.copy import CopyResult
 
 #: The bar's title while the operation runs (the summary line after it says "Pulled", "Pushed", "Copied").
@@ -47,9 +50,9 @@ class RichReporter(Reporter):
             TextColumn("  {task.description:<14}"), MofNCompleteColumn(), console=ui.console, transient=True
         )
         self.lock = threading.Lock()
-        self.bytes_task = None
-        self.components: dict[str, int] = {}
-        self.live = None
+        self.bytes_task: TaskID | None = None
+        self.components: dict[str, TaskID] = {}
+        self.live: Live | None = None
 
     def start(self, result: CopyResult, layers: list[Descriptor]) -> None:
         from rich.console import Group

@@ -106,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if verbose:
         precision = "float32 (weights resident as the memory plan says)" if backend.is_cpu() else "the weights' dtype"
-        log(f"mlx {backend.mx.__version__} on {backend.device_name()}, computing in {precision}")
+        log(f"mlx {getattr(backend.mx, '__version__', '?')} on {backend.device_name()}, computing in {precision}")
         log(f"BLAS: {backend.BLAS.describe()}")
     if args.ref.startswith(("/", "./", "../", "~")) and Path(args.ref).expanduser().is_dir():
         model = open_directory(Path(args.ref).expanduser(), log=log, keep_loaded=False, force=args.force)

@@ -119,7 +119,7 @@ class ServerClient:
 
 def iter_sse(lines: Any) -> Any:
     """(event, parsed data) pairs from server-sent event lines; comments and blank keep-alives are skipped."""
-    event, data = "message", []
+    event, data = "message", list[str]()
     for line in lines:
         if line is None:
             continue
@@ -161,21 +161,22 @@ def _error(status: int, message: str) -> ImgpackError:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from imgpack.server.api import ApiError, parse_keep_alive
+    from imgpack.server.api import DEFAULT_KEEP_ALIVE, ApiError, parse_keep_alive
     from imgpack.server.http import serve
     from imgpack.store.store import Store
 
     host, port = split_listen(args.host or default_host(), args.port)
     try:
-        keep_alive = parse_keep_alive(args.keep_alive, "--keep-alive")
+        parsed = parse_keep_alive(args.keep_alive, "--keep-alive")
     except ApiError as e:
         raise UsageError(e.message) from None
     if args.max_queue < 1:
         raise UsageError(f"--max-queue: {args.max_queue} must be at least 1")
     store = Store.open(args.store)
-    return serve(store, host, port, api_key=args.api_key or os.environ.get(API_KEY_ENV), keep_alive=keep_alive,
-                 max_queue=args.max_queue, allowed_hosts=tuple(args.allowed_host),
-                 allowed_origins=tuple(args.allowed_origin), quiet=getattr(args, "quiet", False))
+    return serve(store, host, port, api_key=args.api_key or os.environ.get(API_KEY_ENV),
+                 keep_alive=DEFAULT_KEEP_ALIVE if parsed is None else parsed, max_queue=args.max_queue,
+                 allowed_hosts=tuple(args.allowed_host), allowed_origins=tuple(args.allowed_origin),
+                 quiet=getattr(args, "quiet", False))
 
 
 def cmd_ps(args: argparse.Namespace) -> int:

@@ -141,13 +141,13 @@ def convert_model(store: Store, source: str, target: str, *, quantize: str | Non
         if index_layer is None:
             raise ImgpackError(f"{source}: no model_index.json layer")
         model_index = parse_json_object(store.read_blob(index_layer.digest), f"{source}: model_index.json")
-        quantized = sum(1 for layer, _ in converted if layer.quantization)
-        cast = len(converted) - quantized
-        config = model_config(model_index, tensors, None, policy.config_record(quantized, cast))
+        n_quantized = sum(1 for layer, _ in converted if layer.quantization)
+        n_cast = len(converted) - n_quantized
+        config = model_config(model_index, tensors, None, policy.config_record(n_quantized, n_cast))
         config_digest, config_size = store.put_bytes(encode_json(config))
         config_type = spec.CONFIG_MEDIA_TYPE if manifest.flavour == "oci" else spec.OLLAMA_CONFIG_MEDIA_TYPE
         layers = files + headers + tensors
         raw = build_manifest(Layer(config_type, config_digest, config_size), layers, manifest.flavour)
         digest = store.put_manifest(ref, raw)
-    return ConvertResult(str(ref), digest, quantized, cast, len(kept), new_blobs, new_bytes,
+    return ConvertResult(str(ref), digest, n_quantized, n_cast, len(kept), new_blobs, new_bytes,
                          sum(layer.size for layer in layers) + config_size)

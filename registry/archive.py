@@ -19,6 +19,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
@@ -117,6 +118,14 @@ def save(store: Store, refs: list[str], path: str | Path, level: int = 3) -> int
     return target.stat().st_size
 
 
+def _entry_name(entry: dict[str, Any]) -> str | None:
+    """The reference an index.json entry gives its manifest (a tag's, or a pinned digest's), if any."""
+    annotations = entry.get("annotations")
+    annotations = annotations if isinstance(annotations, dict) else {}
+    name = annotations.get(spec.REF_NAME_ANNOTATION) or annotations.get(PINNED_ANNOTATION)
+    return name if isinstance(name, str) else None
+
+
 class _Loader:
     """Reads an archive; a member is written only once the graph says it is needed.
 
@@ -178,9 +187,8 @@ class _Loader:
         for i, entry in enumerate(entries):
             if not is_digest(entry.get("digest")):
                 raise ImgpackError(f"{self.source}: index.json manifests[{i}] has no sha256 digest")
-            annotations = entry.get("annotations") if isinstance(entry.get("annotations"), dict) else {}
-            name = annotations.get(spec.REF_NAME_ANNOTATION) or annotations.get(PINNED_ANNOTATION)
-            if not isinstance(name, str):
+            name = _entry_name(entry)
+            if name is None:
                 raise ImgpackError(f"{self.source}: index.json manifests[{i}] has no reference name")
             try:
                 Reference.parse(name)
@@ -283,9 +291,10 @@ class _Loader:
         assert self.entries is not None
         layout = LayoutTarget(self.store, label=str(self.source))
         for entry in self.entries:
-            annotations = entry.get("annotations") if isinstance(entry.get("annotations"), dict) else {}
-            name = annotations.get(spec.REF_NAME_ANNOTATION) or annotations.get(PINNED_ANNOTATION)
+            name = _entry_name(entry)
             digest = entry["digest"]
+            if name is None:  # the entries were checked when read; this keeps that promise explicit
+                raise ImgpackError(f"{self.source}: index.json entry {digest} names no model")
             raw = self.store.read_blob(digest)
             root = Descriptor(parse_node(raw, f"{self.source}: {name}").media_type, digest, len(raw))
             graph = collect_graph(layout, root, raw, None)
