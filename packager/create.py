@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from imgpack.packager.source_dir import ModelDir, scan_model_dir
@@ -411,7 +411,7 @@ def create_model(
             header_layers.append(file_layer(source.rel, digest, size, spec.SAFETENSORS_HEADER_MEDIA_TYPE))
         file_layers = [_pack_file(store, path, rel, media_type, counters) for path, rel, media_type in plan.plain]
         tensor_layers = sorted((job.layer for job in jobs if job.layer), key=lambda layer: layer.name or "")
-        created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if timestamp else None
+        created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if timestamp else None
         quantized = sum(1 for job in jobs if job.transform is not None and job.transform.quant is not None)
         cast = sum(1 for job in jobs if job.transform is not None and job.transform.dtype is not None)
         config = model_config(scan.model_index, tensor_layers, created, policy.config_record(quantized, cast))

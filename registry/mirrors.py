@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+import tomllib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomllib
 
 from imgpack.registry.target import BlobSource, BlobStatus, ProgressFn, Stream
 from imgpack.schemas.digest import is_digest
@@ -139,7 +138,7 @@ def load_mirror_config(files: list[Path] | None = None) -> MirrorConfig:
 class MirroredSource:
     """A read-only target: the origin repository behind mirrors tried in order (pulls only)."""
 
-    def __init__(self, origin, mirrors: list[tuple[object, Mirror]], log: Callable[[str], None] | None = None):
+    def __init__(self, origin, mirrors: Sequence[tuple[object, Mirror]], log: Callable[[str], None] | None = None):
         self.origin = origin
         self.mirrors = mirrors  # (RemoteRepository, Mirror)
         self.log = log or (lambda _m: None)

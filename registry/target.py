@@ -31,7 +31,7 @@ ProgressFn = Callable[[int], None]
 Stream = contextlib.AbstractContextManager[tuple[int, Iterator[bytes]]]
 
 
-class BlobStatus(str, enum.Enum):
+class BlobStatus(enum.StrEnum):
     """What making one blob present at the destination took."""
 
     EXISTS = "exists"          # already there: nothing moved

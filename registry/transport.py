@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
@@ -45,6 +45,9 @@ from imgpack.registry.retry import (
     parse_retry_after,
 )
 from imgpack.schemas.errors import AuthError, ImgpackError, TransferError
+
+if TYPE_CHECKING:
+    from imgpack.registry.target import ChunkReader
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
@@ -448,7 +451,7 @@ class RegistryClient:
         *,
         scope: Scope = (),
         headers: dict[str, str] | None = None,
-        body: Callable[[], Any] | bytes | None = None,
+        body: Callable[[], Any] | bytes | ChunkReader | None = None,
         stream: bool = False,
         retry: bool = True,
         timeout: float | None = None,
@@ -456,7 +459,8 @@ class RegistryClient:
         """Send a request with auth and retries; returns the final response whatever its status.
 
         ``body`` is bytes or a zero-argument callable producing a fresh body, so the request can be replayed
-        after a 401 or a retryable failure. Connection failures become :class:`GaveUp` after the last attempt;
+        after a 401 or a retryable failure; a :class:`ChunkReader` streams once (only with ``retry=False``).
+        Connection failures become :class:`GaveUp` after the last attempt;
         401/403 become :class:`AuthError`.
         """
         url = self.url(path)

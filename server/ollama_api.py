@@ -53,7 +53,7 @@ DEFAULT_SIDE = 1024
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _object(server: ImageServer, ex: Exchange) -> dict[str, Any]:
@@ -233,7 +233,7 @@ def _human_count(n: int) -> str:
 
 def _modified(server: ImageServer, name: str, digest: str) -> str:
     stamp = created_at(server, name, digest) or dt.datetime.fromtimestamp(
-        (server.store.root / "index.json").stat().st_mtime, dt.timezone.utc)
+        (server.store.root / "index.json").stat().st_mtime, dt.UTC)
     return stamp.isoformat().replace("+00:00", "Z")
 
 

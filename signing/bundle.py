@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from imgpack.schemas import spec
@@ -108,10 +108,10 @@ def make_bundle(key: SigningKey, manifest_digest: str, annotations: Mapping[str,
 def _rfc3339(created: datetime | str | None) -> str:
     if isinstance(created, str):
         return created
-    moment = created or datetime.now(timezone.utc)
+    moment = created or datetime.now(UTC)
     if moment.tzinfo is None:
         raise ValueError("created must be timezone-aware")
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def referrer_manifest(bundle: bytes, subject: Descriptor, created: datetime | str | None = None) -> Artifact:

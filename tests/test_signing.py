@@ -13,7 +13,7 @@ import hashlib
 import json
 import random
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from cryptography.exceptions import InvalidSignature
@@ -139,7 +139,7 @@ OwQRMiloRgg=
 DIGEST = "sha256:" + "ab" * 32
 OTHER_DIGEST = "sha256:" + "cd" * 32
 SUBJECT = Descriptor("application/vnd.oci.image.manifest.v1+json", DIGEST, 1234)
-CREATED = datetime(2026, 8, 24, 10, 0, 0, tzinfo=timezone.utc)
+CREATED = datetime(2026, 8, 24, 10, 0, 0, tzinfo=UTC)
 
 
 def pub_pem(private_pem: bytes, password: bytes | None = None) -> bytes:
@@ -807,7 +807,7 @@ def test_bundle_sign_verify_round_trip(signer: keys.SigningKey, other: keys.Sign
 
 def test_referrers_index(signer: keys.SigningKey) -> None:
     first = bundle.sign(signer, SUBJECT, CREATED)
-    second = bundle.sign(signer, SUBJECT, datetime(2026, 8, 25, tzinfo=timezone.utc))
+    second = bundle.sign(signer, SUBJECT, datetime(2026, 8, 25, tzinfo=UTC))
     index = bundle.add_referrers(None, DIGEST, [first.descriptor])
     assert index.tag == "sha256-" + "ab" * 32 and index.media_type == oci.spec.OCI_INDEX and not index.blobs
     assert index.manifest == (
