@@ -145,10 +145,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"{'python':<15}{platform.python_version()} ({sys.executable})")
-    for dist in ("mlx", "tokenizers", "pillow", "cmeel-openblas"):
+    for dist in ("mlx", "mlx-cpu", "mlx-metal", "mlx-cuda-12", "mlx-cuda-13", "tokenizers", "pillow", "cmeel-openblas"):
         try:
             version = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
+            if dist.startswith("mlx-"):
+                continue  # only the backends that are installed
             version = "not installed"
         print(f"{dist:<15}{version}")
     try:
@@ -156,6 +158,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ImgpackError(f"the MLX runtime is not available ({e}); install it with: {INSTALL_HINT}") from None
     print(f"{'device':<15}{backend.device_name()}")
+    print(f"{'accelerators':<15}{backend.accelerators()}")
     print(f"{'BLAS':<15}{backend.BLAS.describe()}")
     for note in backend.BLAS.notes if backend.BLAS.library else []:
         print(f"{'':<15}{note}")
@@ -163,7 +166,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     gflops = backend.measure_matmul_gflops(args.matmul_size)
     print(f"{'matmul':<15}{gflops:.1f} GFLOP/s (float32 {args.matmul_size}x{args.matmul_size})")
     if backend.is_cpu() and platform.system() == "Linux" and not backend.BLAS.library:
-        print(f"warning: MLX uses its slow reference BLAS; install cmeel-openblas ({INSTALL_HINT})")
+        print("warning: MLX uses its slow reference BLAS; install an OpenBLAS that runs on this CPU"
+              f" ({INSTALL_HINT}, or Debian/Ubuntu: apt-get install libopenblas0-pthread)")
     return 0
 
 

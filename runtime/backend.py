@@ -1,18 +1,24 @@
 """The one place the runtime imports MLX, so a fast BLAS is in the process before MLX is.
 
 mlx-cpu wheels on Linux link a reference BLAS that multiplies float32 matrices at a few GFLOP/s. MLX calls
-``cblas_sgemm`` through the dynamic linker, so loading OpenBLAS (from the ``cmeel-openblas`` wheel) with
-RTLD_GLOBAL *before* the first ``import mlx`` makes every matmul use it instead — a 20-40x speed-up with no
-user action. Every runtime module imports ``mx``/``nn`` from here rather than importing mlx itself.
+``cblas_sgemm`` through the dynamic linker, so loading OpenBLAS (the ``cmeel-openblas`` wheel, or the system's
+portable build when the wheel's kernels do not run on this CPU) with RTLD_GLOBAL *before* the first
+``import mlx`` makes every matmul use it instead — a 20-40x speed-up with no user action. Every runtime module
+imports ``mx``/``nn`` from here rather than importing mlx itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
+import hashlib
 import importlib.metadata
+import json
 import os
 import platform
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -83,8 +89,104 @@ def _load_bundled_gfortran(notes: list[str]) -> bool:
     return False
 
 
+#: Where distributions put a portable (DYNAMIC_ARCH) OpenBLAS: Debian/Ubuntu's libopenblas0-pthread, Fedora's.
+SYSTEM_OPENBLAS = (
+    "/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/{arch}-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+)
+
+# Loads a BLAS in a child process and multiplies two small matrices with it. PyPI OpenBLAS wheels are often built
+# for their build machine's CPU (cmeel-openblas 0.3.31 for x86_64 is a SKYLAKEX build: AVX-512 only), and a
+# kernel the CPU lacks kills the process with SIGILL at the first matmul, long after loading succeeded.
+_PROBE = """
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+n = 64
+a = (ctypes.c_float * (n * n))(*([1.0] * (n * n)))
+c = (ctypes.c_float * (n * n))()
+lib.cblas_sgemm(101, 111, 111, n, n, n, ctypes.c_float(1.0), a, n, a, n, ctypes.c_float(0.0), c, n)
+sys.exit(0 if c[0] == float(n) else 3)
+"""
+
+
+def _cpu_signature() -> str:
+    """What a probe's verdict depends on besides the library: the CPU model and its feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
+    except OSError:
+        lines = []
+    return hashlib.sha256("".join(sorted(set(lines))).encode()).hexdigest()[:16]
+
+
+def _probe_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "imgpack" / "blas-probe.json"
+
+
+def blas_runs_here(lib: Path) -> tuple[bool, str]:
+    """Whether ``lib``'s sgemm runs on this CPU, probed once in a child process and cached per library and CPU."""
+    try:
+        st = lib.stat()
+    except OSError as e:
+        return False, f"{lib}: {e.strerror}"
+    key = f"{lib}|{st.st_size}|{st.st_mtime_ns}|{_cpu_signature()}"
+    cache = _probe_cache()
+    try:
+        known = json.loads(cache.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        ok, why = known[key]
+        return bool(ok), str(why)
+    try:
+        rc = subprocess.run([sys.executable, "-c", _PROBE, str(lib)], capture_output=True, timeout=60).returncode
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, f"{lib}: probe failed ({e})"
+    if rc == 0:
+        verdict = (True, "")
+    elif rc == -signal.SIGILL:
+        verdict = (False, f"{lib} is built for another CPU (illegal instruction); skipped")
+    else:
+        verdict = (False, f"{lib}: probe exited with {rc}; skipped")
+    known[key] = list(verdict)
+    with contextlib.suppress(OSError):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, cache)
+    return verdict
+
+
+def _candidates() -> list[Path]:
+    """OpenBLAS libraries to try, best first: the cmeel-openblas wheel, then the system's portable build."""
+    wheel = _dist_files("cmeel-openblas", "libopenblas.so.0") or _dist_files("cmeel-openblas", "libopenblas.so*")
+    arch = platform.machine()
+    system = [Path(p.format(arch=arch)) for p in SYSTEM_OPENBLAS]
+    return wheel[:1] + [p for p in system if p.exists()]
+
+
+def _load_global(lib: Path) -> str | None:
+    """dlopen ``lib`` with RTLD_GLOBAL (satisfying libgfortran from a wheel if the system lacks it); the error."""
+    try:
+        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+        return None
+    except OSError as e:
+        if "libgfortran" not in str(e) or not _load_bundled_gfortran(BLAS.notes):
+            return f"{lib}: {e}"
+    try:
+        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+        return None
+    except OSError as e2:
+        return f"{lib}: {e2}"
+
+
 def load_fast_blas() -> BlasInfo:
-    """Load cmeel-openblas' libopenblas globally (Linux only); never raises, records why not instead."""
+    """Load an OpenBLAS that runs on this CPU globally (Linux only); never raises, records why not instead."""
     if platform.system() != "Linux" or "mlx.core" in sys.modules:
         if "mlx.core" in sys.modules and platform.system() == "Linux":
             BLAS.notes.append("mlx was imported before imgpack.runtime; OpenBLAS not loaded")
@@ -92,23 +194,22 @@ def load_fast_blas() -> BlasInfo:
     if os.environ.get(FAST_BLAS_ENV, "1") == "0":
         BLAS.notes.append(f"disabled by {FAST_BLAS_ENV}=0")
         return BLAS
-    libs = _dist_files("cmeel-openblas", "libopenblas.so.0") or _dist_files("cmeel-openblas", "libopenblas.so*")
-    if not libs:
-        BLAS.notes.append("cmeel-openblas is not installed")
+    candidates = _candidates()
+    if not candidates:
+        BLAS.notes.append("cmeel-openblas is not installed and no system OpenBLAS was found")
         return BLAS
-    lib = libs[0]
-    try:
-        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-    except OSError as e:
-        if "libgfortran" not in str(e) or not _load_bundled_gfortran(BLAS.notes):
-            BLAS.notes.append(f"{lib}: {e}")
-            return BLAS
-        try:
-            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-        except OSError as e2:
-            BLAS.notes.append(f"{lib}: {e2}")
-            return BLAS
-    BLAS.library = str(lib)
+    for lib in candidates:
+        ok, why = blas_runs_here(lib)
+        if not ok:
+            BLAS.notes.append(why)
+            continue
+        error = _load_global(lib)
+        if error:
+            BLAS.notes.append(error)
+            continue
+        BLAS.library = str(lib)
+        return BLAS
+    BLAS.notes.append("install a portable OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread)")
     return BLAS
 
 
@@ -145,6 +246,22 @@ def device_name() -> str:
         return f"gpu ({info.get('device_name', info.get('architecture', 'gpu'))})"
     except Exception:
         return "gpu"
+
+
+def accelerators() -> str:
+    """Which GPU backends this MLX build has and whether a device is present: tells a CPU-only wheel
+    (``mlx[cpu]``) from a CUDA build that found no GPU."""
+    found = []
+    for backend_name in ("metal", "cuda"):
+        module = getattr(mx, backend_name, None)
+        if module is None or not hasattr(module, "is_available"):
+            continue
+        try:
+            present = bool(module.is_available())
+        except Exception:  # a broken driver install must not break doctor
+            present = False
+        found.append(f"{backend_name} {'available' if present else 'not available'}")
+    return ", ".join(found) or "none in this MLX build"
 
 
 def available_memory() -> int:
