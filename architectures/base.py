@@ -32,6 +32,45 @@ class Expectation:
     optional_groups: dict[str, str]
 
 
+#: The configs a text-to-image pipeline of a transformer, a text encoder and a VAE is derived from.
+PIPELINE_CONFIG_FILES = ("transformer/config.json", "text_encoder/config.json", "vae/config.json")
+
+TensorsOf = Callable[[dict[str, Any]], dict[str, list[int]]]
+SplitTensorsOf = Callable[[dict[str, Any]], tuple[dict[str, list[int]], dict[str, list[int]]]]
+
+
+def pipeline_expectation(configs: dict[str, Any], transformer: TensorsOf, text_encoder: SplitTensorsOf,
+                         vae: SplitTensorsOf, encoder_use: str) -> Expectation:
+    """What a transformer + text encoder + VAE pipeline must hold, from its parsed ``PIPELINE_CONFIG_FILES``.
+
+    ``text_encoder`` and ``vae`` give (required, optional) state dicts: the text encoder's optional tensors are
+    the ones generation never reads (an LM head), the VAE's its encoder, which ``encoder_use`` says is for what.
+    """
+    for file in PIPELINE_CONFIG_FILES:
+        if not isinstance(configs.get(file), dict):
+            raise ConfigProblem(file, "must be a JSON object")
+    required: dict[str, list[int]] = {}
+    optional: dict[str, list[int]] = {}
+    for key, shape in transformer(configs["transformer/config.json"]).items():
+        required["transformer/" + key] = shape
+    te_required, te_optional = text_encoder(configs["text_encoder/config.json"])
+    for key, shape in te_required.items():
+        required["text_encoder/model." + key] = shape
+    for key, shape in te_optional.items():
+        optional["text_encoder/" + key] = shape
+    decoder, encoder = vae(configs["vae/config.json"])
+    for key, shape in decoder.items():
+        required["vae/" + key] = shape
+    for key, shape in encoder.items():
+        optional["vae/" + key] = shape
+    return Expectation(
+        required=required,
+        optional=optional,
+        aliases={"text_encoder/": "text_encoder/model."},
+        optional_groups={"vae/encoder.": f"the VAE encoder (needed for {encoder_use}, not for generation)"},
+    )
+
+
 def int_field(config: dict[str, Any], key: str, file: str, default: int | None = None) -> int:
     value = config.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -12,12 +12,20 @@ import math
 from typing import Any
 
 from imgpack.architectures import autoencoder, qwen3
-from imgpack.architectures.base import Architecture, ConfigProblem, Expectation, GenerationDefaults, canonical_name
+from imgpack.architectures.base import (
+    PIPELINE_CONFIG_FILES,
+    Architecture,
+    ConfigProblem,
+    Expectation,
+    GenerationDefaults,
+    canonical_name,
+    pipeline_expectation,
+)
 
 #: The architecture name written in model_index.json's ``_class_name``.
 ARCHITECTURE = "Flux2KleinPipeline"
 #: The component configs the derivation reads.
-CONFIG_FILES = ("transformer/config.json", "text_encoder/config.json", "vae/config.json")
+CONFIG_FILES = PIPELINE_CONFIG_FILES
 
 #: ``Flux2Transformer2DModel.__init__`` defaults (FLUX.2 [dev]'s sizes; klein configs set every key).
 TRANSFORMER_DEFAULTS: dict[str, Any] = {
@@ -144,29 +152,7 @@ def vae_tensors(config: dict[str, Any], file: str = "vae/config.json") -> tuple[
 
 def expected_tensors(configs: dict[str, Any]) -> Expectation:
     """Everything a Flux2KleinPipeline needs, from the parsed ``CONFIG_FILES`` (path -> JSON document)."""
-    for file in CONFIG_FILES:
-        if not isinstance(configs.get(file), dict):
-            raise ConfigProblem(file, "must be a JSON object")
-    required: dict[str, list[int]] = {}
-    optional: dict[str, list[int]] = {}
-    for key, shape in transformer_tensors(configs["transformer/config.json"]).items():
-        required["transformer/" + key] = shape
-    te_required, te_optional = qwen3.qwen3_tensors(configs["text_encoder/config.json"])
-    for key, shape in te_required.items():
-        required["text_encoder/model." + key] = shape
-    for key, shape in te_optional.items():
-        optional["text_encoder/" + key] = shape
-    decoder, encoder = vae_tensors(configs["vae/config.json"])
-    for key, shape in decoder.items():
-        required["vae/" + key] = shape
-    for key, shape in encoder.items():
-        optional["vae/" + key] = shape
-    return Expectation(
-        required=required,
-        optional=optional,
-        aliases={"text_encoder/": "text_encoder/model."},
-        optional_groups={"vae/encoder.": "the VAE encoder (needed for image editing, not for generation)"},
-    )
+    return pipeline_expectation(configs, transformer_tensors, qwen3.qwen3_tensors, vae_tensors, "image editing")
 
 
 SPEC = Architecture(

@@ -11,6 +11,7 @@ from typing import Any
 
 from imgpack.architectures.autoencoder import vae_tensors
 from imgpack.architectures.base import (
+    PIPELINE_CONFIG_FILES,
     Architecture,
     ConfigProblem,
     Expectation,
@@ -20,6 +21,7 @@ from imgpack.architectures.base import (
     int_field,
     int_list_field,
     linear,
+    pipeline_expectation,
 )
 from imgpack.architectures.qwen3 import qwen3_tensors
 
@@ -31,7 +33,7 @@ ADALN_EMBED_DIM = 256
 FREQUENCY_EMBEDDING_SIZE = 256
 TIMESTEP_MID_SIZE = 1024
 #: The component configs the derivation reads.
-CONFIG_FILES = ("transformer/config.json", "text_encoder/config.json", "vae/config.json")
+CONFIG_FILES = PIPELINE_CONFIG_FILES
 
 
 def transformer_tensors(config: dict[str, Any], file: str = "transformer/config.json") -> dict[str, list[int]]:
@@ -92,29 +94,7 @@ def transformer_tensors(config: dict[str, Any], file: str = "transformer/config.
 
 def expected_tensors(configs: dict[str, Any]) -> Expectation:
     """Everything a ZImagePipeline needs, from the parsed ``CONFIG_FILES`` (path -> JSON document)."""
-    for file in CONFIG_FILES:
-        if not isinstance(configs.get(file), dict):
-            raise ConfigProblem(file, "must be a JSON object")
-    required: dict[str, list[int]] = {}
-    optional: dict[str, list[int]] = {}
-    for key, shape in transformer_tensors(configs["transformer/config.json"]).items():
-        required["transformer/" + key] = shape
-    te_required, te_optional = qwen3_tensors(configs["text_encoder/config.json"])
-    for key, shape in te_required.items():
-        required["text_encoder/model." + key] = shape
-    for key, shape in te_optional.items():
-        optional["text_encoder/" + key] = shape
-    decoder, encoder = vae_tensors(configs["vae/config.json"])
-    for key, shape in decoder.items():
-        required["vae/" + key] = shape
-    for key, shape in encoder.items():
-        optional["vae/" + key] = shape
-    return Expectation(
-        required=required,
-        optional=optional,
-        aliases={"text_encoder/": "text_encoder/model."},
-        optional_groups={"vae/encoder.": "the VAE encoder (needed for image-to-image, not for generation)"},
-    )
+    return pipeline_expectation(configs, transformer_tensors, qwen3_tensors, vae_tensors, "image-to-image")
 
 
 SPEC = Architecture(

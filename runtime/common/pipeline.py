@@ -4,9 +4,11 @@ one generation runs.
 
 A pipeline is opened from a :class:`~imgpack.runtime.common.loader.ModelSource` (a stored manifest, or a
 directory of layer files); its networks are built from the manifest's configs without memory and load blob by
-blob when first needed. ``generate`` yields :class:`Stage`, :class:`Step` and :class:`Preview` events and finally
-an :class:`Image`; it checks a cancel event between steps. Architectures subclass :class:`Pipeline` (see
-``runtime/zimage`` and ``runtime/flux2``) and are found through :func:`imgpack.runtime.open_pipeline`.
+blob when first needed. ``generate`` — one implementation for every architecture: text encoder, flow-matching
+loop, VAE — yields :class:`Stage`, :class:`Step` and :class:`Preview` events and finally an :class:`Image`; it
+checks a cancel event between steps. Architectures subclass :class:`Pipeline` (see ``runtime/zimage`` and
+``runtime/flux2``), saying how prompts are encoded, latents packed and the flow predicted, and are found through
+:func:`imgpack.runtime.open_pipeline`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import numpy as np
 from imgpack.architectures.base import Architecture
 from imgpack.runtime.backend import available_memory, is_cpu, mx, nn
 from imgpack.runtime.common.loader import GB, Component, InsufficientMemory, ModelSource, ResidentForm
+from imgpack.runtime.common.scheduler import FlowMatchEulerScheduler
+from imgpack.runtime.common.tokenizer import PromptTokenizer
 from imgpack.schemas.errors import ImgpackError, UsageError
 from imgpack.store.atomic import atomic_file
 
@@ -86,6 +90,23 @@ class Image:
 Event = Stage | Step | Preview | Image
 
 
+def initial_noise(seed: int, channels: int, height: int, width: int, scale: int = 8) -> np.ndarray:
+    """The portable starting latents for a seed, ``(1, channels, height / scale, width / scale)``: the same on every
+    machine and backend, and what diffusers reproduces when given them as ``latents``."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((1, channels, height // scale, width // scale), dtype=np.float32)
+
+
+def load_tokenizer(source: ModelSource) -> PromptTokenizer:
+    """The prompt tokenizer from ``tokenizer/``: tokenizer.json, its config and a chat template if shipped."""
+    config = source.read_json("tokenizer/tokenizer_config.json") if source.has_file(
+        "tokenizer/tokenizer_config.json") else None
+    template = None
+    if source.has_file("tokenizer/chat_template.jinja"):
+        template = source.read_file("tokenizer/chat_template.jinja").decode("utf-8", "replace")
+    return PromptTokenizer(source.read_file("tokenizer/tokenizer.json"), config, template)
+
+
 def to_pixels(image: mx.array) -> np.ndarray:
     """VAE output in [-1, 1] (1, H, W, 3) -> uint8 (H, W, 3), rounding like diffusers' image processor."""
     arr = np.array(image[0].astype(mx.float32))
@@ -136,7 +157,8 @@ class Pipeline:
     """A model opened from a source: configs, tokenizer and lazily loaded networks, and one ``generate``.
 
     Subclasses set ``architecture``, declare their components in ``build_components`` and implement
-    ``activation_bytes`` and ``generate``.
+    ``activation_bytes`` and the four steps of a generation: ``encode_prompts``, ``start_latents``, ``velocity``
+    and ``vae_input``.
     """
 
     architecture: Architecture
@@ -166,6 +188,12 @@ class Pipeline:
             raise ImgpackError(f"{source.where}: model_index.json names {name!r}; this runs"
                                f" {', '.join(cls.architecture.class_names)}")
 
+    @classmethod
+    def open(cls, store: Any, ref: str, log: Callable[[str], None] | None = None, keep_loaded: bool = True,
+             force: bool = False) -> Any:
+        """The pipeline of a stored model (``store`` is an :class:`imgpack.store.store.Store`)."""
+        return cls(ModelSource.open(store, ref), log, keep_loaded, force)
+
     # -- to be provided --------------------------------------------------------------------------------
 
     def build_components(self) -> dict[str, Component]:
@@ -174,9 +202,28 @@ class Pipeline:
     def activation_bytes(self, width: int, height: int, batch: int) -> int:
         raise NotImplementedError(f"{type(self).__name__} gives no working-memory estimate")
 
-    def generate(self, request: GenerationRequest, cancel: threading.Event | None = None,
-                 latents: np.ndarray | None = None, previews: Collection[int] = ()) -> Iterator[Event]:
-        raise NotImplementedError(f"{type(self).__name__} cannot generate")
+    def encode_prompts(self, prompts: list[str]) -> Any:
+        """The transformer's conditioning for ``[prompt]`` or ``[prompt, negative]`` (guided)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot encode prompts")
+
+    def start_latents(self, request: GenerationRequest, latents: np.ndarray | None
+                      ) -> tuple[mx.array, FlowMatchEulerScheduler]:
+        """The starting latent in the transformer's layout (from ``latents``, else the seed's noise) and the
+        schedule for this request."""
+        raise NotImplementedError(f"{type(self).__name__} cannot start latents")
+
+    def velocity(self, transformer: nn.Module, x: mx.array, context: Any, scheduler: FlowMatchEulerScheduler,
+                 step: int, request: GenerationRequest, guided: bool) -> mx.array:
+        """The direction of ``step``: the next latent is ``x + scheduler.step_size(step) * velocity`` and the clean
+        latent it points at ``x - sigma_next * velocity``; ``guided`` says ``context`` has a negative row too."""
+        raise NotImplementedError(f"{type(self).__name__} cannot predict")
+
+    def vae_input(self, x: mx.array, request: GenerationRequest) -> mx.array:
+        """A latent in the transformer's layout as the VAE decoder takes it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot decode")
+
+    def before_generation(self, request: GenerationRequest) -> None:
+        """A hook for notes about a resolved request (nothing by default)."""
 
     # -- requests ----------------------------------------------------------------------------------------
 
@@ -319,6 +366,83 @@ class Pipeline:
         if cancel is not None and cancel.is_set():
             raise GenerationCancelled("generation cancelled")
 
+    # -- one generation ----------------------------------------------------------------------------------
+
+    text_encoder = network("text_encoder")
+    transformer = network("transformer")
+    vae = network("vae")
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per activation element in the compute dtype."""
+        return 2 if getattr(self, "dtype", mx.float32) in (mx.bfloat16, mx.float16) else 4
+
+    def uses_guidance(self, guidance: float) -> bool:
+        """Classifier-free guidance runs (a second, negative prompt) only above the architecture's threshold."""
+        return guidance > self.defaults.guidance_threshold
+
+    def generate(self, request: GenerationRequest, cancel: threading.Event | None = None,
+                 latents: np.ndarray | None = None, previews: Collection[int] = ()) -> Iterator[Event]:
+        """Run one text-to-image generation, yielding progress; the last event is the ``Image``.
+
+        ``latents`` overrides the seed's noise (tests pass diffusers' reference latents). After each 1-based step
+        listed in ``previews`` a ``Preview`` follows its ``Step``: the VAE decode of the clean latent predicted at
+        that point, which is what a streaming client shows while it waits.
+        """
+        request = self.resolve(request)
+        assert request.width and request.height and request.steps and request.guidance is not None
+        started = time.perf_counter()
+        guided = self.uses_guidance(request.guidance)
+        self.before_generation(request)
+
+        if self.text_encoder is None:
+            yield Stage("load text_encoder")
+            self.component("text_encoder")
+        yield Stage("encode")
+        context = self.encode_prompts([request.prompt, request.negative] if guided else [request.prompt])
+        self.done_with("text_encoder")
+        self.check_cancel(cancel)
+
+        if self.transformer is None:
+            yield Stage("load transformer")
+        transformer = self.component("transformer")
+        x, scheduler = self.start_latents(request, latents)
+
+        yield Stage("denoise")
+        for i in range(scheduler.num_steps):
+            self.check_cancel(cancel)
+            start = time.perf_counter()
+            velocity = self.velocity(transformer, x, context, scheduler, i, request, guided)
+            x = x + scheduler.step_size(i) * velocity
+            mx.eval(x)
+            yield Step(i + 1, scheduler.num_steps, time.perf_counter() - start)
+            if i + 1 in previews:
+                predicted = x - float(scheduler.sigmas[i + 1]) * velocity
+                preview = self.component("vae")(self.vae_input(predicted, request))
+                mx.eval(preview)
+                yield Preview(i + 1, scheduler.num_steps, to_pixels(preview))
+                del preview, predicted
+        self.check_cancel(cancel)
+        del transformer
+        self.done_with("transformer")
+
+        if self.vae is None:
+            yield Stage("load vae")
+        vae = self.component("vae")
+        yield Stage("decode")
+        image = vae(self.vae_input(x, request))
+        mx.eval(image)
+        pixels = to_pixels(image)
+        del image, vae
+        self.done_with("vae")
+        yield Image(pixels, request.seed, time.perf_counter() - started)
+
+
+def generate(model: Pipeline, request: GenerationRequest, cancel: threading.Event | None = None,
+             latents: np.ndarray | None = None, previews: Collection[int] = ()) -> Iterator[Event]:
+    """``model.generate(...)``, as a function."""
+    return model.generate(request, cancel=cancel, latents=latents, previews=previews)
+
 
 def run_to_image(model: Pipeline, request: GenerationRequest, **kwargs: Any) -> Image:
     """Drain ``generate`` and return its image (for callers that do not want progress)."""
@@ -341,6 +465,9 @@ __all__ = [
     "Stage",
     "Step",
     "encode_png",
+    "generate",
+    "initial_noise",
+    "load_tokenizer",
     "run_to_image",
     "save_png",
     "to_pixels",

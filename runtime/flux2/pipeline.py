@@ -12,19 +12,16 @@ the VAE first undoes its batch-norm normalisation.
 from __future__ import annotations
 
 import math
-import threading
-import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable
 
 import numpy as np
 
 from imgpack.architectures import flux2 as arch
 from imgpack.architectures.base import GenerationDefaults
 from imgpack.architectures.flux2 import TEXT_ENCODER_OUT_LAYERS
-from imgpack.runtime.backend import ATTENTION_CHUNK, compute_dtype, mx
+from imgpack.runtime.backend import ATTENTION_CHUNK, compute_dtype, mx, nn
 from imgpack.runtime.common.loader import Component, ModelSource
 from imgpack.runtime.common.pipeline import (
-    Event,
     GenerationCancelled,
     GenerationRequest,
     Image,
@@ -32,19 +29,19 @@ from imgpack.runtime.common.pipeline import (
     Preview,
     Stage,
     Step,
+    generate,
+    initial_noise,
+    load_tokenizer,
     run_to_image,
-    to_pixels,
 )
 from imgpack.runtime.common.qwen3 import Qwen3Config, Qwen3TextEncoder
 from imgpack.runtime.common.scheduler import FlowMatchConfig, FlowMatchEulerScheduler, compute_empirical_mu
-from imgpack.runtime.common.tokenizer import MAX_SEQUENCE_LENGTH, PromptTokenizer
+from imgpack.runtime.common.tokenizer import MAX_SEQUENCE_LENGTH
 from imgpack.runtime.flux2.autoencoder import PATCH, Flux2VAEConfig, Flux2VAEDecoder
 from imgpack.runtime.flux2.transformer import Flux2Config, Flux2Transformer, image_ids, text_ids
-from imgpack.runtime.zimage.pipeline import initial_noise
 from imgpack.schemas.errors import ImgpackError
 from imgpack.schemas.manifest import Layer
 from imgpack.schemas.safetensors import DTYPE_SIZES
-from imgpack.store.store import Store
 
 #: The distilled checkpoints' intended use (the model card's and diffusers' integration test's).
 DISTILLED_STEPS = 4
@@ -87,19 +84,8 @@ class Flux2Pipeline(Pipeline):
         self.vae_config = Flux2VAEConfig.from_dict(source.read_json("vae/config.json"))
         self.scheduler_config = FlowMatchConfig.from_dict(source.read_json("scheduler/scheduler_config.json"))
         self._check_configs()
-        tok_config = None
-        if source.has_file("tokenizer/tokenizer_config.json"):
-            tok_config = source.read_json("tokenizer/tokenizer_config.json")
-        template = None
-        if source.has_file("tokenizer/chat_template.jinja"):
-            template = source.read_file("tokenizer/chat_template.jinja").decode("utf-8", "replace")
-        self.tokenizer = PromptTokenizer(source.read_file("tokenizer/tokenizer.json"), tok_config, template)
+        self.tokenizer = load_tokenizer(source)
         super().__init__(source, log, keep_loaded, force)
-
-    @classmethod
-    def open(cls, store: Store, ref: str, log: Callable[[str], None] | None = None, keep_loaded: bool = True,
-             force: bool = False) -> Flux2Pipeline:
-        return cls(ModelSource.open(store, ref), log, keep_loaded, force)
 
     def build_components(self) -> dict[str, Component]:
         self.dtype = compute_dtype(trained_dtype(self.source.tensors("transformer")))
@@ -142,10 +128,6 @@ class Flux2Pipeline(Pipeline):
     def default_guidance(self) -> float:
         return self.defaults.guidance
 
-    def uses_guidance(self, guidance: float) -> bool:
-        """diffusers' ``do_classifier_free_guidance``: scale above 1 on a non-distilled checkpoint."""
-        return guidance > self.defaults.guidance_threshold
-
     @property
     def pixel_multiple(self) -> int:
         """Width and height must be multiples of this: VAE downscaling times the 2x2 packing."""
@@ -153,10 +135,6 @@ class Flux2Pipeline(Pipeline):
 
     def size_multiple(self) -> int:
         return self.pixel_multiple
-
-    text_encoder = Pipeline.network("text_encoder")
-    transformer = Pipeline.network("transformer")
-    vae = Pipeline.network("vae")
 
     def load_text_encoder(self) -> Qwen3TextEncoder:
         return self.component("text_encoder")  # type: ignore[return-value]
@@ -168,10 +146,6 @@ class Flux2Pipeline(Pipeline):
         return self.component("vae")  # type: ignore[return-value]
 
     # -- memory --------------------------------------------------------------------------------------
-
-    @property
-    def itemsize(self) -> int:
-        return 2 if self.dtype in (mx.bfloat16, mx.float16) else 4
 
     def activation_bytes(self, width: int, height: int, batch: int) -> int:
         """A generous bound on working memory for one step and for the decode."""
@@ -189,7 +163,7 @@ class Flux2Pipeline(Pipeline):
         decode = width * height * channels[min(1, len(channels) - 1)] * 4 * 6
         return max(step, decode + ATTENTION_CHUNK * 4)
 
-    # -- a generation --------------------------------------------------------------------------------
+    # -- a generation: what is FLUX.2's in the shared loop --------------------------------------------
 
     def encode_prompt(self, prompt: str) -> mx.array:
         """(512, 3 x hidden) prompt embedding: hidden states 9, 18, 27 of the padded, templated prompt."""
@@ -199,73 +173,44 @@ class Flux2Pipeline(Pipeline):
         mx.eval(out)
         return out
 
-    def generate(self, request: GenerationRequest, cancel: threading.Event | None = None,
-                 latents: np.ndarray | None = None, previews: Collection[int] = ()) -> Iterator[Event]:
-        """Run one text-to-image generation, yielding progress; the last event is the ``Image``.
+    def encode_prompts(self, prompts: list[str]) -> mx.array:
+        """(prompts, 512, 3 x hidden): every prompt is padded to the same length. The guidance prompt is
+        ``request.negative`` (diffusers always uses "", the default)."""
+        return mx.stack([self.encode_prompt(p) for p in prompts])
 
-        ``latents`` overrides the seed's noise: (1, in_channels, H/16, W/16), as diffusers' ``latents=``.
-        ``request.negative`` is the guidance prompt (diffusers always uses "", the default).
-        """
-        request = self.resolve(request)
-        assert request.width and request.height and request.steps and request.guidance is not None
-        started = time.perf_counter()
-        cfg = self.transformer_config
-        use_cfg = self.uses_guidance(request.guidance)
-        if request.guidance > 1 and self.is_distilled:
+    def before_generation(self, request: GenerationRequest) -> None:
+        if request.guidance is not None and request.guidance > 1 and self.is_distilled:
             self.log(f"guidance {request.guidance} is ignored: the model is step-distilled")
 
-        if self.text_encoder is None:
-            yield Stage("load text_encoder")
-            self.load_text_encoder()
-        yield Stage("encode")
-        prompts = [request.prompt] + ([request.negative] if use_cfg else [])
-        context = mx.stack([self.encode_prompt(p) for p in prompts])
-        self.done_with("text_encoder")
-        self.check_cancel(cancel)
+    def _grid(self, request: GenerationRequest) -> tuple[int, int]:
+        assert request.width and request.height
+        return request.height // self.pixel_multiple, request.width // self.pixel_multiple
 
-        if self.transformer is None:
-            yield Stage("load transformer")
-        transformer = self.load_transformer()
-        multiple = self.pixel_multiple
-        h, w = request.height // multiple, request.width // multiple
+    def start_latents(self, request: GenerationRequest, latents: np.ndarray | None
+                      ) -> tuple[mx.array, FlowMatchEulerScheduler]:
+        """(1, h*w, C) packed tokens in raster order, from (1, C, H/16, W/16) noise as diffusers' ``latents=``."""
+        assert request.width and request.height and request.steps
+        cfg = self.transformer_config
+        h, w = self._grid(request)
         if latents is None:
-            latents = initial_noise(request.seed, cfg.in_channels, request.height, request.width, multiple)
+            latents = initial_noise(request.seed, cfg.in_channels, request.height, request.width, self.pixel_multiple)
         if tuple(latents.shape) != (1, cfg.in_channels, h, w):
             raise ImgpackError(f"latents have shape {tuple(latents.shape)}, expected {(1, cfg.in_channels, h, w)}")
-        # Pack: (1, C, h, w) -> (1, h*w, C), tokens in raster order.
         x = mx.array(latents.astype(np.float32)).reshape(1, cfg.in_channels, h * w).transpose(0, 2, 1)
-        scheduler = schedule(self, request.steps, h * w)
-        img, txt = image_ids(h, w), text_ids(TEXT_LENGTH)
+        return x, schedule(self, request.steps, h * w)
 
-        yield Stage("denoise")
-        for i in range(scheduler.num_steps):
-            self.check_cancel(cancel)
-            start = time.perf_counter()
-            pred = transformer(x, context, transformer_time(scheduler, i), img, txt).astype(mx.float32)
-            flow = pred[1:] + request.guidance * (pred[:1] - pred[1:]) if use_cfg else pred
-            x = x + scheduler.step_size(i) * flow
-            mx.eval(x)
-            yield Step(i + 1, scheduler.num_steps, time.perf_counter() - start)
-            if i + 1 in previews:
-                predicted = x - float(scheduler.sigmas[i + 1]) * flow
-                preview = self.load_vae()(predicted.transpose(0, 2, 1).reshape(1, cfg.in_channels, h, w))
-                mx.eval(preview)
-                yield Preview(i + 1, scheduler.num_steps, to_pixels(preview))
-                del preview, predicted
-        self.check_cancel(cancel)
-        del transformer
-        self.done_with("transformer")
+    def velocity(self, transformer: nn.Module, x: mx.array, context: mx.array, scheduler: FlowMatchEulerScheduler,
+                 step: int, request: GenerationRequest, guided: bool) -> mx.array:
+        """The predicted flow; guided, ``neg + g * (cond - neg)`` over the (prompt, negative) batch rows."""
+        h, w = self._grid(request)
+        time_input = transformer_time(scheduler, step)
+        pred = transformer(x, context, time_input, image_ids(h, w), text_ids(TEXT_LENGTH)).astype(mx.float32)
+        return pred[1:] + request.guidance * (pred[:1] - pred[1:]) if guided else pred
 
-        if self.vae is None:
-            yield Stage("load vae")
-        vae = self.load_vae()
-        yield Stage("decode")
-        image = vae(x.transpose(0, 2, 1).reshape(1, cfg.in_channels, h, w))
-        mx.eval(image)
-        pixels = to_pixels(image)
-        del image, vae
-        self.done_with("vae")
-        yield Image(pixels, request.seed, time.perf_counter() - started)
+    def vae_input(self, x: mx.array, request: GenerationRequest) -> mx.array:
+        """Unpack (1, h*w, C) tokens to the (1, C, h, w) latent the VAE takes."""
+        h, w = self._grid(request)
+        return x.transpose(0, 2, 1).reshape(1, self.transformer_config.in_channels, h, w)
 
 
 #: The name the FLUX.2 tests know the pipeline by.
@@ -284,12 +229,6 @@ def transformer_time(scheduler: FlowMatchEulerScheduler, i: int) -> float:
     return float(np.float32(scheduler.timesteps[i]) / np.float32(1000.0))
 
 
-def generate(model: Pipeline, request: GenerationRequest, cancel: threading.Event | None = None,
-             latents: np.ndarray | None = None, previews: Collection[int] = ()) -> Iterator[Event]:
-    """``model.generate(...)``, as a function."""
-    return model.generate(request, cancel=cancel, latents=latents, previews=previews)
-
-
 __all__ = [
     "BASE_GUIDANCE",
     "BASE_STEPS",
@@ -300,6 +239,7 @@ __all__ = [
     "GenerationCancelled",
     "GenerationRequest",
     "Image",
+    "Preview",
     "Stage",
     "Step",
     "generate",

@@ -1,25 +1,23 @@
 """Z-Image text-to-image generation (``ZImagePipeline``): the Qwen3 prompt embedding, the single-stream DiT and
 the FLUX VAE, driven by a flow-matching Euler schedule.
 
-Everything generic (loading, memory, events, requests) is :class:`~imgpack.runtime.common.pipeline.Pipeline`'s;
-this module says what Z-Image's networks are and how one generation runs. Portable seeds: the starting noise for
+Everything generic (loading, memory, events, requests, the generation loop) is
+:class:`~imgpack.runtime.common.pipeline.Pipeline`'s; this module says what Z-Image's networks are, how its prompts
+are encoded and what its transformer predicts. Portable seeds: the starting noise for
 seed S is ``numpy.random.default_rng(S).standard_normal((1, 16, H // 8, W // 8), dtype=numpy.float32)``.
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable
 
 import numpy as np
 
 from imgpack.architectures import zimage as arch
-from imgpack.runtime.backend import ATTENTION_CHUNK, compute_dtype, mx
+from imgpack.runtime.backend import ATTENTION_CHUNK, compute_dtype, mx, nn
 from imgpack.runtime.common.autoencoder import VAEConfig, VAEDecoder
 from imgpack.runtime.common.loader import Component, ModelSource
 from imgpack.runtime.common.pipeline import (
-    Event,
     GenerationCancelled,
     GenerationRequest,
     Image,
@@ -28,22 +26,17 @@ from imgpack.runtime.common.pipeline import (
     Stage,
     Step,
     encode_png,
+    generate,
+    initial_noise,
+    load_tokenizer,
     run_to_image,
     save_png,
-    to_pixels,
 )
 from imgpack.runtime.common.qwen3 import Qwen3Config, Qwen3TextEncoder
 from imgpack.runtime.common.scheduler import FlowMatchConfig, FlowMatchEulerScheduler
-from imgpack.runtime.common.tokenizer import MAX_SEQUENCE_LENGTH, PromptTokenizer
+from imgpack.runtime.common.tokenizer import MAX_SEQUENCE_LENGTH
 from imgpack.runtime.zimage.transformer import SEQ_MULTIPLE, ZImageConfig, ZImageTransformer
 from imgpack.schemas.errors import ImgpackError
-from imgpack.store.store import Store
-
-
-def initial_noise(seed: int, channels: int, height: int, width: int, vae_scale: int = 8) -> np.ndarray:
-    """The portable starting latents for a seed: the same on every machine and backend."""
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((1, channels, height // vae_scale, width // vae_scale), dtype=np.float32)
 
 
 class ZImagePipeline(Pipeline):
@@ -69,19 +62,8 @@ class ZImagePipeline(Pipeline):
                 f"{source.where}: vae latent_channels {self.vae_config.latent_channels} != transformer"
                 f" in_channels {self.transformer_config.in_channels}"
             )
-        tok_config = source.read_json("tokenizer/tokenizer_config.json") if source.has_file(
-            "tokenizer/tokenizer_config.json"
-        ) else None
-        template = None
-        if source.has_file("tokenizer/chat_template.jinja"):
-            template = source.read_file("tokenizer/chat_template.jinja").decode("utf-8", "replace")
-        self.tokenizer = PromptTokenizer(source.read_file("tokenizer/tokenizer.json"), tok_config, template)
+        self.tokenizer = load_tokenizer(source)
         super().__init__(source, log, keep_loaded, force)
-
-    @classmethod
-    def open(cls, store: Store, ref: str, log: Callable[[str], None] | None = None,
-             keep_loaded: bool = True, force: bool = False) -> ZImagePipeline:
-        return cls(ModelSource.open(store, ref), log, keep_loaded, force)
 
     def build_components(self) -> dict[str, Component]:
         dtypes = {t.dtype for t in self.source.tensors("transformer").values()}
@@ -98,12 +80,6 @@ class ZImagePipeline(Pipeline):
     def size_multiple(self) -> int:
         return self.vae_config.scale_factor * self.transformer_config.patch_size
 
-    # -- the networks, as attributes (what the tests and callers read) --------------------------------
-
-    text_encoder = Pipeline.network("text_encoder")
-    transformer = Pipeline.network("transformer")
-    vae = Pipeline.network("vae")
-
     def load_text_encoder(self) -> Qwen3TextEncoder:
         return self.component("text_encoder")  # type: ignore[return-value]
 
@@ -114,10 +90,6 @@ class ZImagePipeline(Pipeline):
         return self.component("vae")  # type: ignore[return-value]
 
     # -- memory --------------------------------------------------------------------------------------
-
-    @property
-    def itemsize(self) -> int:
-        return 2 if self.dtype in (mx.bfloat16, mx.float16) else 4
 
     def activation_bytes(self, width: int, height: int, batch: int) -> int:
         """A generous bound on working memory for one step and for the decode."""
@@ -135,7 +107,7 @@ class ZImagePipeline(Pipeline):
         decode = pixels * vcfg.block_out_channels[min(1, len(vcfg.block_out_channels) - 1)] * 4 * 6
         return max(step, decode + ATTENTION_CHUNK * 4)
 
-    # -- a generation --------------------------------------------------------------------------------
+    # -- a generation: what is Z-Image's in the shared loop ------------------------------------------
 
     def encode_prompt(self, prompt: str) -> mx.array:
         """(tokens, hidden) prompt embedding: hidden state [-2] of the templated prompt."""
@@ -144,81 +116,38 @@ class ZImagePipeline(Pipeline):
         mx.eval(out)
         return out
 
-    def generate(self, request: GenerationRequest, cancel: threading.Event | None = None,
-                 latents: np.ndarray | None = None, previews: Collection[int] = ()) -> Iterator[Event]:
-        """Run one text-to-image generation, yielding progress; the last event is the ``Image``.
+    def encode_prompts(self, prompts: list[str]) -> list[mx.array]:
+        """One caption per prompt, each its own length (the transformer pads them itself)."""
+        return [self.encode_prompt(p) for p in prompts]
 
-        ``latents`` overrides the seed's noise (tests pass the reference latents). After each 1-based step listed
-        in ``previews`` a ``Preview`` follows its ``Step``: the VAE decode of the clean latent predicted at that
-        point (``x + sigma_next * flow``), which is what a streaming client shows while it waits.
-        """
-        request = self.resolve(request)
-        assert request.width and request.height and request.steps and request.guidance is not None
-        started = time.perf_counter()
-        cfg, vcfg = self.transformer_config, self.vae_config
-        use_cfg = request.guidance > 0
-
-        if self.text_encoder is None:
-            yield Stage("load text_encoder")
-            self.load_text_encoder()
-        yield Stage("encode")
-        captions = [self.encode_prompt(request.prompt)]
-        if use_cfg:
-            captions.append(self.encode_prompt(request.negative))
-        self.done_with("text_encoder")
-        self.check_cancel(cancel)
-
-        if self.transformer is None:
-            yield Stage("load transformer")
-        transformer = self.load_transformer()
+    def start_latents(self, request: GenerationRequest, latents: np.ndarray | None
+                      ) -> tuple[mx.array, FlowMatchEulerScheduler]:
+        """(C, H/8, W/8) latents and a schedule shifted for the image's token count."""
+        assert request.width and request.height and request.steps
+        cfg, scale = self.transformer_config, self.vae_config.scale_factor
         if latents is None:
-            latents = initial_noise(request.seed, cfg.in_channels, request.height, request.width, vcfg.scale_factor)
-        expected = (1, cfg.in_channels, request.height // vcfg.scale_factor, request.width // vcfg.scale_factor)
+            latents = initial_noise(request.seed, cfg.in_channels, request.height, request.width, scale)
+        expected = (1, cfg.in_channels, request.height // scale, request.width // scale)
         if tuple(latents.shape) != expected:
             raise ImgpackError(f"latents have shape {tuple(latents.shape)}, expected {expected}")
         x = mx.array(latents.astype(np.float32))[0]
         image_tokens = (x.shape[1] // cfg.patch_size) * (x.shape[2] // cfg.patch_size)
-        scheduler = FlowMatchEulerScheduler(self.scheduler_config, request.steps, image_tokens)
+        return x, FlowMatchEulerScheduler(self.scheduler_config, request.steps, image_tokens)
 
-        yield Stage("denoise")
-        for i in range(scheduler.num_steps):
-            self.check_cancel(cancel)
-            start = time.perf_counter()
-            pred = transformer(x, scheduler.model_time(i), captions).astype(mx.float32)
-            flow = pred[0] + request.guidance * (pred[0] - pred[1]) if use_cfg else pred[0]
-            x = x + scheduler.step_size(i) * -flow
-            mx.eval(x)
-            yield Step(i + 1, scheduler.num_steps, time.perf_counter() - start)
-            if i + 1 in previews:
-                predicted = x + float(scheduler.sigmas[i + 1]) * flow
-                preview = self.load_vae()(predicted[None])
-                mx.eval(preview)
-                yield Preview(i + 1, scheduler.num_steps, to_pixels(preview))
-                del preview, predicted
-        self.check_cancel(cancel)
-        del transformer
-        self.done_with("transformer")
+    def velocity(self, transformer: nn.Module, x: mx.array, context: list[mx.array],
+                 scheduler: FlowMatchEulerScheduler, step: int, request: GenerationRequest, guided: bool) -> mx.array:
+        """Z-Image predicts the negated flow (diffusers' pipeline steps along ``-noise_pred``); guidance is
+        ``cond + g * (cond - neg)``."""
+        pred = transformer(x, scheduler.model_time(step), context).astype(mx.float32)
+        flow = pred[0] + request.guidance * (pred[0] - pred[1]) if guided else pred[0]
+        return -flow
 
-        if self.vae is None:
-            yield Stage("load vae")
-        vae = self.load_vae()
-        yield Stage("decode")
-        image = vae(x[None])
-        mx.eval(image)
-        pixels = to_pixels(image)
-        del image, vae
-        self.done_with("vae")
-        yield Image(pixels, request.seed, time.perf_counter() - started)
+    def vae_input(self, x: mx.array, request: GenerationRequest) -> mx.array:
+        return x[None]
 
 
 #: The name callers and tests know the Z-Image pipeline by.
 ZImageModel = ZImagePipeline
-
-
-def generate(model: Pipeline, request: GenerationRequest, cancel: threading.Event | None = None,
-             latents: np.ndarray | None = None, previews: Collection[int] = ()) -> Iterator[Event]:
-    """``model.generate(...)``, as a function."""
-    return model.generate(request, cancel=cancel, latents=latents, previews=previews)
 
 
 __all__ = [
