@@ -17,7 +17,7 @@ from imgpack.registry.layout import LayoutTarget
 from imgpack.registry.locations import Clients, open_location
 from imgpack.registry.ollama import OllamaTarget
 from imgpack.registry.remote import RemoteRepository
-from imgpack.registry.target import Target, read_node
+from imgpack.registry.target import Target, read_node, read_range
 from imgpack.registry.transport import TransportOptions, describe_response
 from imgpack.schemas import spec
 from imgpack.schemas.digest import is_digest
@@ -89,19 +89,7 @@ class Source:
             return None
 
     def read_range(self, digest: str, offset: int, length: int) -> bytes:
-        if length <= 0:
-            return b""
-        out = bytearray()
-        with self._target().fetch(Descriptor(BLOB, digest, offset + length), offset) as (start, chunks):
-            skip = offset - start
-            for chunk in chunks:
-                if skip:
-                    cut = min(skip, len(chunk))
-                    chunk, skip = chunk[cut:], skip - cut
-                out += chunk
-                if len(out) >= length:
-                    break
-        return bytes(out[:length])
+        return read_range(self._target(), Descriptor(BLOB, digest, offset + length), offset, length)
 
     def iter_blob(self, digest: str) -> Iterator[bytes]:
         with self._target().fetch(Descriptor(BLOB, digest, 0), 0) as (_, chunks):

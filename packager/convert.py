@@ -114,13 +114,8 @@ def convert_model(store: Store, source: str, target: str, *, quantize: str | Non
         with store.writer() as w:
             for part in parts:
                 w.write(part)
-            digest = w.current_digest()
-            new = not store.has_blob(digest, w.size)
-            if new:
-                w.commit(digest, w.size)
-            else:
-                w.abort()
-            size = w.size
+            new = w.keep_if_new()
+            digest, size = w.current_digest(), w.size
         if progress:
             progress(nbytes)
         return tensor_layer(name, digest, size, out_dtype, out_shape, annotations), new

@@ -162,13 +162,8 @@ def _pack_transformed(store: Store, job: TensorJob, counters: _Counters, progres
     with store.writer() as w:
         for part in parts:
             w.write(part)
-        digest = w.current_digest()
-        job.new = not store.has_blob(digest, w.size)
-        if job.new:
-            w.commit(digest, w.size)
-        else:
-            w.abort()
-        size = w.size
+        job.new = w.keep_if_new()
+        digest, size = w.current_digest(), w.size
     if progress:
         progress(t.nbytes)
     counters.add(job.new, size)
@@ -240,14 +235,9 @@ def _pack_file_unchecked(store: Store, path: Path, name: str, media_type: str, c
         view = memoryview(buf)
         while n := f.readinto(buf):
             w.write(view[:n])
-        digest = w.current_digest()
-        new = not store.has_blob(digest, w.size)
-        if new:
-            w.commit(digest, w.size)
-        else:
-            w.abort()
+        new = w.keep_if_new()
         counters.add(new, w.size)
-        size = w.size
+        digest, size = w.current_digest(), w.size
     return file_layer(name, digest, size, media_type)
 
 

@@ -25,7 +25,7 @@ from imgpack.registry.split import (
     manifest_blob_of,
     split_model,
 )
-from imgpack.registry.target import Target, read_node
+from imgpack.registry.target import Target, read_node, read_range
 from imgpack.schemas import spec
 from imgpack.schemas.content import MAX_CONFIG_BLOB, config_problems, layer_problems
 from imgpack.schemas.errors import ImgpackError, IntegrityError, UsageError
@@ -132,20 +132,7 @@ def check_content(dst: Target, graph: Graph, flavour: str, where: str) -> None:
     problems: list[str] = []
 
     def reader(desc: Descriptor) -> Callable[[int, int], bytes]:
-        def read(offset: int, length: int) -> bytes:
-            out = bytearray()
-            with dst.fetch(desc, offset) as (start, chunks):
-                skip = offset - start
-                for chunk in chunks:
-                    if skip:
-                        cut = min(skip, len(chunk))
-                        chunk, skip = chunk[cut:], skip - cut
-                    out += chunk
-                    if len(out) >= length:
-                        break
-            return bytes(out[:length])
-
-        return read
+        return lambda offset, length: read_range(dst, desc, offset, length)
 
     for layer in root.layers:
         if layer.digest in graph.skipped:

@@ -166,6 +166,24 @@ def file_stream(opener: Callable[[], BinaryIO], offset: int) -> Stream:
     return stream()
 
 
+def read_range(target: Target, desc: Descriptor, offset: int, length: int) -> bytes:
+    """``length`` bytes of a blob from ``offset`` (fewer at its end), whichever offset the target's stream starts
+    at (a target that cannot seek starts earlier and the head is skipped)."""
+    if length <= 0:
+        return b""
+    out = bytearray()
+    with target.fetch(desc, offset) as (start, chunks):
+        skip = offset - start
+        for chunk in chunks:
+            if skip:
+                cut = min(skip, len(chunk))
+                chunk, skip = chunk[cut:], skip - cut
+            out += chunk
+            if len(out) >= length:
+                break
+    return bytes(out[:length])
+
+
 def read_node(target: Target, desc: Descriptor, limit: int = spec.MAX_MANIFEST_BYTES, *,
               exact_size: bool = True) -> bytes:
     """A node's bytes from ``target``, bounded and checked against ``desc`` (its digest always; its size too

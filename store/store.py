@@ -135,6 +135,17 @@ class BlobWriter:
     def abort(self) -> None:
         self._temp.discard()
 
+    def keep_if_new(self) -> bool:
+        """Commit what was written unless the store already has that blob (then drop the temp); whether it was
+        new — how a producer that computes content locally deduplicates without a second read."""
+        digest = self.current_digest()
+        if self._store.has_blob(digest, self.size):
+            self.abort()
+            self.digest = digest
+            return False
+        self.commit(digest, self.size)
+        return True
+
     def __enter__(self) -> BlobWriter:
         return self
 

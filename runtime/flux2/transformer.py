@@ -9,7 +9,6 @@ no Linear has a bias and the LayerNorms have no affine parameters. Latents arriv
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from imgpack.architectures.flux2 import TRANSFORMER_DEFAULTS, with_defaults
 from imgpack.runtime.backend import attention, mx, nn, silu
+from imgpack.runtime.common.timestep import timestep_features
 from imgpack.schemas.errors import ImgpackError
 
 
@@ -135,12 +135,7 @@ class TimestepEmbedding(nn.Module):
         self.linear_2 = nn.Linear(dim, dim, bias=False)
 
     def __call__(self, t: mx.array) -> mx.array:
-        half = self.channels // 2
-        freqs = mx.exp(-math.log(10000.0) * mx.arange(half, dtype=mx.float32) / half)
-        args = t.astype(mx.float32)[:, None] * freqs[None]
-        emb = mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
-        if self.channels % 2:
-            emb = mx.concatenate([emb, mx.zeros_like(emb[:, :1])], axis=-1)
+        emb = timestep_features(t, self.channels)
         return self.linear_2(nn.silu(self.linear_1(emb.astype(self.linear_1.weight.dtype))))
 
 

@@ -7,7 +7,6 @@ through the main modulated blocks. Positions are 3-axis (caption index, row, col
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from imgpack.architectures.zimage import ADALN_EMBED_DIM, FREQUENCY_EMBEDDING_SIZE, TIMESTEP_MID_SIZE
 from imgpack.runtime.backend import attention, mx, nn, silu
+from imgpack.runtime.common.timestep import timestep_features
 from imgpack.schemas.errors import ImgpackError
 
 SEQ_MULTIPLE = 32
@@ -119,12 +119,7 @@ class TimestepEmbedder(nn.Module):
         self.linear_2 = nn.Linear(cfg.t_mid_dim, cfg.adaln_dim)
 
     def __call__(self, t: mx.array) -> mx.array:
-        half = self.freq_dim // 2
-        freqs = mx.exp(-math.log(10000.0) * mx.arange(half, dtype=mx.float32) / half)
-        args = t.astype(mx.float32)[:, None] * freqs[None]
-        emb = mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
-        if self.freq_dim % 2:
-            emb = mx.concatenate([emb, mx.zeros_like(emb[:, :1])], axis=-1)
+        emb = timestep_features(t, self.freq_dim)
         return self.linear_2(nn.silu(self.linear_1(emb.astype(self.linear_1.weight.dtype))))
 
 
