@@ -287,7 +287,7 @@ class Pipeline:
         assert request.width and request.height
         have = available_memory() if available is None else available
         weights = self.weight_bytes()
-        batch = 2 if (request.guidance or 0) > self.defaults.guidance_threshold else 1
+        batch = 2 if self.uses_guidance(request.guidance or 0.0) else 1
         work = self.activation_bytes(request.width, request.height, batch)
         expanded = self.expanded_layer_bytes()
         what = f"model {self.source.where} at {request.width}x{request.height}"
