@@ -20,6 +20,7 @@ from imgpack.registry.layout import RefusedContent
 from imgpack.registry.progress import descriptor_component, descriptor_name
 from imgpack.registry.remote import LayerLimit
 from imgpack.registry.split import (
+    MANIFEST_ANNOTATION,
     check_parts_cover,
     is_split_index,
     manifest_blob_of,
@@ -212,6 +213,18 @@ def model_hooks(
             return [(graph.root, graph.root_raw())]
         return split_model(graph.root_raw(), max_layers, str(graph.root.digest)).pushes()
 
+    def is_current(dst: Target, existing: Descriptor, graph: Graph) -> bool:
+        """A split index of this very manifest is already there (pushed by an earlier fallback)."""
+        if existing.media_type != spec.OCI_INDEX or existing.size > spec.MAX_MANIFEST_BYTES:
+            return False
+        try:
+            node = parse_node(read_node(dst, existing), dst.describe(existing.digest), existing.media_type)
+        except ImgpackError:
+            return False
+        if not is_split_index(node):
+            return False
+        return (node.document.get("annotations") or {}).get(MANIFEST_ANNOTATION) == graph.root.digest
+
     def on_layer_limit(graph: Graph, limit: LayerLimit) -> list[tuple[Descriptor, bytes]]:
         if not auto_split or graph.root_node().config is None:
             raise limit
@@ -224,6 +237,7 @@ def model_hooks(
         before_commit=before_commit,
         encode_root=encode_root,
         on_layer_limit=on_layer_limit,
+        is_current=is_current,
         mount_candidates=mount_candidates,
         referrers=referrers,
         after_copy=after_copy,
