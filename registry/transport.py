@@ -434,7 +434,7 @@ class RegistryClient:
                 self.limit.success()
             if retry and resp.status_code in policy.statuses:
                 wait = policy.delay(attempt, resp.headers.get("Retry-After"))
-                if policy.attempts_for(started, attempt, wait):
+                if policy.attempts_for(started, attempt, wait, resp.status_code in THROTTLE_STATUSES):
                     resp.close()
                     policy.sleep(wait)
                     attempt += 1
