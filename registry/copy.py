@@ -204,7 +204,9 @@ def copy_graph(
     if existing is not None and existing.digest != final.digest and final.digest == root.digest \
             and hooks.is_current is not None and hooks.is_current(dst, existing, graph):
         final = existing  # the destination holds this root in another form (the index-split one)
-    if existing is not None and existing.digest == final.digest and not graph.skipped:
+    partial_at = getattr(dst, "is_partial", None)  # a store holding this model in part is not up to date
+    if existing is not None and existing.digest == final.digest and not graph.skipped \
+            and not (partial_at is not None and partial_at(existing)):
         result.up_to_date = True
         result.existing = len(blobs)
     else:
