@@ -31,6 +31,13 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         report.write_junit(args.junit)
     if args.json:
         ui.out.print_json(data=report.to_json())
+    elif report.info.get("foreign") and not getattr(args, "quiet", False):
+        # Nothing of spec v1 applies: say what it is once, not as 36 skipped rows.
+        from imgpack.registry.model import foreign_hint
+
+        foreign = report.info["foreign"]
+        ui.out.print(f"DOES NOT CONFORM: {ui.markup_safe(args.target)} is {ui.markup_safe(foreign)}, not an imgpack"
+                     f" model; {foreign_hint(foreign)}")
     elif not getattr(args, "quiet", False):
         ui.out.print(render_table(report))
         verdict = "CONFORMS" if report.ok else "DOES NOT CONFORM"

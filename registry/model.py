@@ -75,14 +75,19 @@ def describe_artifact(node: Node) -> str | None:
     return None
 
 
+def foreign_hint(foreign: str) -> str:
+    """What to do with an artifact :func:`describe_artifact` named."""
+    hint = "use 'imgpack copy' to move it between registries and layouts unchanged"
+    if "ModelPack" in foreign:
+        hint = "imgpack reads diffusers models packed by 'imgpack create'; " + hint
+    return hint
+
+
 def require_model(raw: bytes, node: Node, where: str) -> ModelManifest:
     """The imgpack model a manifest is, or :class:`NotAModel` saying what it is instead."""
     foreign = describe_artifact(node)
     if foreign is not None:
-        hint = "use 'imgpack copy' to move it between registries and layouts unchanged"
-        if "ModelPack" in foreign:
-            hint = "imgpack reads diffusers models packed by 'imgpack create'; " + hint
-        raise NotAModel(f"{where} is {foreign}, not an imgpack model; {hint}")
+        raise NotAModel(f"{where} is {foreign}, not an imgpack model; {foreign_hint(foreign)}")
     return ModelManifest.from_bytes(raw, source=where)
 
 
