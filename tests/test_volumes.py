@@ -61,3 +61,14 @@ def test_run_dir_errors_name_the_directory_and_file(cli, oras_dir: Path, tmp_pat
     r = cli("run", str(broken), *ARGS, "-o", str(tmp_path / "y.png"))
     assert r.code != 0 and f"vae/{victim.name}" in r.err, r.err
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
+def test_back_to_a_diffusers_directory(cli, tiny_model: Path, open_registry, oras_dir: Path, tmp_path: Path) -> None:
+    """The README's way back to the diffusers layout: pull with imgpack, then export (byte-identical)."""
+    ref = f"{open_registry.host}/volume:1"
+    other = tmp_path / "elsewhere"
+    assert cli("pull", ref, store=other).code == 0
+    assert cli("export", ref, str(tmp_path / "diffusers"), store=other).code == 0
+    files = {p.relative_to(tiny_model).as_posix(): p.read_bytes() for p in tiny_model.rglob("*") if p.is_file()}
+    out = tmp_path / "diffusers"
+    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
