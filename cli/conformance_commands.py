@@ -23,7 +23,8 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     elif args.target:
         from imgpack.conformance.suite import run_target
 
-        report = run_target(args.target, getattr(args, "store", None), insecure=args.insecure, local=args.local)
+        report = run_target(args.target, getattr(args, "store", None), insecure=args.insecure, local=args.local,
+                            ca_file=args.ca_file)
     else:
         raise UsageError("conformance needs a TARGET (reference, oci:PATH[:TAG], ollama:PATH[:MODEL:TAG],"
                          " HOST/REPO:TAG) or --registry HOST/REPO")
@@ -60,6 +61,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--registry", metavar="HOST/REPO", help="probe what a registry supports instead")
     p.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report to FILE")
     p.add_argument("--insecure", action="store_true", help="allow plain HTTP / unverified TLS to the registry")
+    p.add_argument("--ca-file", metavar="PEM", help="trust this CA bundle for the registry's TLS certificate"
+                   " (also: SSL_CERT_FILE, REQUESTS_CA_BUNDLE, /etc/docker/certs.d/HOST/ca.crt)")
     p.add_argument("--local", action="store_true", help="read HOST/REPO:TAG from the local store, not the registry")
     p.add_argument("--keep", action="store_true", help="with --registry: leave the probe's uploads in place")
     p.set_defaults(func=cmd_conformance)

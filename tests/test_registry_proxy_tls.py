@@ -92,6 +92,8 @@ def test_ca_file_flag_and_environment(cli, store, model, tls_registry, pki, tmp_
     pull_matches(cli, store, model, remote, tmp_path / "a", "--ca-file", str(pki.ca))
     r = cli("show", remote, "--ca-file", str(pki.ca), store=tmp_path / "empty")
     assert r.code == 0, r.err
+    r = cli("conformance", remote, "--ca-file", str(pki.ca), store=tmp_path / "empty")
+    assert r.code == 0, r.out + r.err
     for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
         with monkeypatch.context() as m:
             m.setenv(name, str(pki.ca))
