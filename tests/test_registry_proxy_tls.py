@@ -79,7 +79,8 @@ def test_untrusted_ca_fails_fast_naming_host_and_remedy(cli, model, tls_registry
     assert tls_registry.host in r.err
     for remedy in ("--ca-file", "SSL_CERT_FILE", f"certs.d/{tls_registry.host}/ca.crt"):
         assert remedy in r.err, r.err
-    assert "Traceback" not in r.err and time.monotonic() - started < 5  # not retried as if the network were down
+    assert "Traceback" not in r.err and "attempt" not in r.err  # not retried as if the network were down
+    assert time.monotonic() - started < 10
     r = cli("pull", f"{tls_registry.host}/tls:1", store=tmp_path / "other")
     assert r.code == 5 and tls_registry.host in r.err and "--ca-file" in r.err
     assert not (tmp_path / "other" / "index.json").exists() or Store.open(tmp_path / "other").entries() == []
