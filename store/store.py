@@ -396,6 +396,11 @@ class Store:
         # A bare digest names a model only if the index holds that manifest: never an arbitrary blob.
         if parsed.digest and any(e.digest == parsed.digest for e in self.entries()):
             return parsed, parsed.digest
+        # A model pulled by the digest of its index-split form is pinned under that reference, and stored as the
+        # manifest the index carries.
+        pinned = self.find(str(parsed)) if parsed.digest else None
+        if pinned is not None:
+            return parsed, pinned.digest
         raise NotFoundError(f"model {parsed} is not in the store {self.root} (see 'imgpack list')")
 
     def get_manifest(self, ref: str | Reference) -> ModelManifest:

@@ -190,6 +190,14 @@ def test_explicit_max_layers_is_deterministic_and_every_reader_takes_it(cli, ope
     assert r.code == 0, r.err
     assert cli("export", f"{host}/mid:1", str(tmp_path / "export"), store=tmp_path / "pulled").code == 0
     assert tree_bytes(tmp_path / "export") == tree_bytes(source)
+    # Pulled by the index's digest, the model is pinned under that reference and every command finds it.
+    pinned = f"{host}/mid@{expected}"
+    assert cli("pull", pinned, store=tmp_path / "pulled").code == 0
+    r = cli("show", pinned, "--json", store=tmp_path / "pulled")
+    assert r.code == 0 and json.loads(r.out)["location"] == "store", r.err
+    assert cli("verify", pinned, store=tmp_path / "pulled").code == 0
+    assert cli("export", pinned, str(tmp_path / "export-pinned"), store=tmp_path / "pulled").code == 0
+    assert tree_bytes(tmp_path / "export-pinned") == tree_bytes(source)
 
 
 def test_run_reads_a_model_pulled_from_its_split_form(cli, tiny_model, open_registry, tmp_path):
