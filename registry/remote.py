@@ -27,7 +27,7 @@ from urllib.parse import quote, urljoin
 
 import requests
 
-from imgpack.registry.retry import THROTTLE_STATUSES, Cancelled
+from imgpack.registry.retry import THROTTLE_STATUSES, Cancelled, throttled_answer
 from imgpack.registry.target import BlobSource, BlobStatus, ChunkReader, ProgressFn, Stream
 from imgpack.registry.transport import (
     RegistryClient,
@@ -364,7 +364,8 @@ class RemoteRepository:
                 self._cancel_upload(location)
                 retry = self.client.retry
                 wait = retry.delay(throttles, throttled.retry_after)
-                if not retry.attempts_for(started, throttles, wait, throttled=True):
+                if not retry.attempts_for(started, throttles, wait,
+                                          throttled_answer(throttled.status, throttled.retry_after)):
                     raise TransferError(f"{self.describe()}: uploading blob {desc.digest}: the registry kept"
                                         f" answering {throttled.status} (rate limit)") from None
                 retry.sleep(wait)

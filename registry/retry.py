@@ -52,8 +52,8 @@ class RetryPolicy:
     """When and how long to wait before replaying a request."""
 
     attempts: int = 5
-    #: A throttled request (429/503) is replayed until the time budget is spent, at most this often: a registry's
-    #: per-minute budget (GHCR: ~2,000 layers a minute) can take tens of seconds to refill.
+    #: A throttled request (429, or 503 with Retry-After) is replayed until the time budget is spent, at most this
+    #: often: a registry's per-minute budget (GHCR: ~2,000 layers a minute) can take tens of seconds to refill.
     throttled_attempts: int = 60
     backoff_base: float = 0.2
     backoff_max: float = 10.0
@@ -83,6 +83,12 @@ class RetryPolicy:
         """Whether another attempt after waiting ``wait`` seconds stays within the attempts and the budget."""
         limit = self.throttled_attempts if throttled else self.attempts
         return attempt + 1 < limit and time.monotonic() - started + wait <= self.budget
+
+
+def throttled_answer(status: int, retry_after: str | None) -> bool:
+    """A rate limit rather than an outage: 429, or 503 with ``Retry-After``. Only these are replayed for the whole
+    time budget; a registry answering a bare 503 (down) fails after the usual attempts."""
+    return status == 429 or (status == 503 and bool(retry_after))
 
 
 class AdaptiveLimit:

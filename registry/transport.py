@@ -44,6 +44,7 @@ from imgpack.registry.retry import (
     Cancelled,
     RetryPolicy,
     parse_retry_after,
+    throttled_answer,
 )
 from imgpack.schemas.errors import AuthError, ImgpackError, TransferError
 
@@ -493,7 +494,8 @@ class RegistryClient:
                 self.limit.success()
             if retry and resp.status_code in policy.statuses:
                 wait = policy.delay(attempt, resp.headers.get("Retry-After"))
-                if policy.attempts_for(started, attempt, wait, resp.status_code in THROTTLE_STATUSES):
+                if policy.attempts_for(started, attempt, wait, throttled_answer(resp.status_code,
+                                                                                resp.headers.get("Retry-After"))):
                     resp.close()
                     policy.sleep(wait)
                     attempt += 1

@@ -8,6 +8,7 @@ records how many requests were in flight when each arrived, so the back-off is m
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -73,3 +74,16 @@ def test_retry_after_is_honoured(cli, store, make_model, limited):
     gaps = [b.at - a.at for events in by_blob.values() for a, b in zip(events, events[1:], strict=False)
             if a.status == 429]
     assert gaps and min(gaps) >= 0.95
+
+
+def test_a_registry_that_is_down_is_not_taken_for_a_rate_limit(cli, store, make_model, limited):
+    """A bare 503 (no Retry-After) is an outage: the push fails after the usual few attempts, not five minutes."""
+    limited.budget = None
+    limited.add("HEAD", r"/blobs/sha256:", "status", times=10_000, arg=503)
+    make_model(store, "down:1", {"vae": 41}, tensors=2)
+    started = time.monotonic()
+    r = cli("push", "down:1", f"{limited.host}/down:1")
+    assert r.code == 5 and "503" in r.err and limited.host in r.err, r.err
+    assert time.monotonic() - started < 60
+    heads = [e for e in limited.log if e.method == "HEAD" and "/blobs/" in e.path]
+    assert len(heads) <= 5 * 8  # at most the usual attempts for each blob in flight
