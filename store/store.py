@@ -35,6 +35,7 @@ from typing import Any, BinaryIO
 from imgpack.schemas import spec
 from imgpack.schemas.digest import check_digest, is_digest, sha256_bytes
 from imgpack.schemas.errors import ImgpackError, IntegrityError, NotFoundError
+from imgpack.schemas.foreign import describe_artifact, foreign_hint
 from imgpack.schemas.graph import Descriptor, Node, parse_node
 from imgpack.schemas.jsondoc import parse_json
 from imgpack.schemas.manifest import ModelManifest
@@ -409,7 +410,18 @@ class Store:
 
     def manifest_by_digest(self, digest: str, source: str | None = None) -> ModelManifest:
         raw = self.read_blob(digest)
-        return ModelManifest.from_bytes(raw, source=source or digest)
+        try:
+            return ModelManifest.from_bytes(raw, source=source or digest)
+        except ImgpackError:
+            foreign = None
+            with contextlib.suppress(ImgpackError):
+                foreign = describe_artifact(parse_node(raw, source or digest))
+            if foreign is None:
+                raise
+            # A container image or ModelPack model copied into the store: say what it is, not why the schema
+            # refuses it.
+            raise ImgpackError(f"{source or digest} is {foreign}, not an imgpack model; {foreign_hint(foreign)}")\
+                from None
 
     def node(self, digest: str, media_type: str | None = None) -> Node:
         """A stored manifest or index, parsed far enough to walk its graph."""

@@ -145,6 +145,11 @@ def test_foreign_artifacts_are_named(cli, open_registry, tmp_path, make, name, h
     store = tmp_path / "store"
     assert not store.exists() or Store.open(store).entries() == []
     assert not [p for p in store.rglob("*") if p.is_file() and "blobs" in p.parts]
-    # copy moves it unchanged, as the message says.
+    # copy moves it unchanged, as the message says; in the store, commands that need a model still name it.
     r = cli("copy", ref, f"oci:{tmp_path / 'layout'}:x", store=store)
     assert r.code == 0, r.err
+    assert cli("copy", ref, "foreign:1", store=store).code == 0
+    for argv in (["show", "foreign:1"], ["export", "foreign:1", str(tmp_path / "out")]):
+        r = cli(*argv, store=store)
+        assert r.code == 1 and name in r.err and "is a required property" not in r.err, (argv, r.err)
+    assert not (tmp_path / "out").exists()
