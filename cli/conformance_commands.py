@@ -23,7 +23,8 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     elif args.target:
         from imgpack.conformance.suite import run_target
 
-        report = run_target(args.target, getattr(args, "store", None), insecure=args.insecure, local=args.local)
+        report = run_target(args.target, getattr(args, "store", None), insecure=args.insecure, local=args.local,
+                            ca_file=args.ca_file)
     else:
         raise UsageError("conformance needs a TARGET (reference, oci:PATH[:TAG], ollama:PATH[:MODEL:TAG],"
                          " HOST/REPO:TAG) or --registry HOST/REPO")
@@ -31,6 +32,13 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         report.write_junit(args.junit)
     if args.json:
         ui.out.print_json(data=report.to_json())
+    elif report.info.get("foreign") and not getattr(args, "quiet", False):
+        # Nothing of spec v1 applies: say what it is once, not as 36 skipped rows.
+        from imgpack.registry.model import foreign_hint
+
+        foreign = report.info["foreign"]
+        ui.out.print(f"DOES NOT CONFORM: {ui.markup_safe(args.target)} is {ui.markup_safe(foreign)}, not an imgpack"
+                     f" model; {foreign_hint(foreign)}")
     elif not getattr(args, "quiet", False):
         ui.out.print(render_table(report))
         verdict = "CONFORMS" if report.ok else "DOES NOT CONFORM"
@@ -53,6 +61,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--registry", metavar="HOST/REPO", help="probe what a registry supports instead")
     p.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report to FILE")
     p.add_argument("--insecure", action="store_true", help="allow plain HTTP / unverified TLS to the registry")
+    p.add_argument("--ca-file", metavar="PEM", help="trust this CA bundle for the registry's TLS certificate"
+                   " (also: SSL_CERT_FILE, REQUESTS_CA_BUNDLE, /etc/docker/certs.d/HOST/ca.crt)")
     p.add_argument("--local", action="store_true", help="read HOST/REPO:TAG from the local store, not the registry")
     p.add_argument("--keep", action="store_true", help="with --registry: leave the probe's uploads in place")
     p.set_defaults(func=cmd_conformance)

@@ -251,7 +251,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("ref", metavar="REF", help="HOST[:PORT]/REPO[:TAG|@DIGEST]")
     _transfer(p)
     p.add_argument("--mirror", action="append", metavar="HOST[:PORT]",
-                   help="try this mirror or pull-through cache first (repeatable; registries.conf mirrors too)")
+                   help="try this mirror or pull-through cache before the origin (repeatable, in order, after"
+                        " the mirrors registries.conf names)")
     p.add_argument("--component", action="append", metavar="NAME",
                    help="fetch only this component's tensors (repeatable); configs and files always come")
     p.add_argument("--include", action="append", metavar="GLOB",

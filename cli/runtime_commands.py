@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from imgpack.architectures.base import GenerationDefaults, check_size, parse_size
 from imgpack.schemas.errors import ImgpackError, UsageError
@@ -84,6 +85,20 @@ def open_image(path: Path) -> None:
     subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
+def _require_complete(store: Any, ref: str) -> None:
+    """A partially pulled model cannot run: name the components it lacks, before anything loads."""
+    from imgpack.schemas.errors import NotFoundError
+
+    manifest = store.get_manifest(ref)
+    entry = next((e for e in store.entries() if e.digest == manifest.digest and e.partial), None)
+    if entry is None:
+        return
+    missing = sorted({t.component or "." for t in manifest.tensors if not store.has_blob(t.digest, t.size)})
+    if missing:
+        raise NotFoundError(f"{ref}: pulled in part ({entry.partial}); missing components: {', '.join(missing)};"
+                            f" run 'imgpack pull {ref}' to fetch the rest")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     width, height, seed, output = check_run_args(args)
     quiet = getattr(args, "quiet", False)
@@ -111,7 +126,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.ref.startswith(("/", "./", "../", "~")) and Path(args.ref).expanduser().is_dir():
         model = open_directory(Path(args.ref).expanduser(), log=log, keep_loaded=False, force=args.force)
     else:
-        model = open_pipeline(Store.open(args.store), args.ref, log=log, keep_loaded=False, force=args.force)
+        store = Store.open(args.store)
+        _require_complete(store, args.ref)
+        model = open_pipeline(store, args.ref, log=log, keep_loaded=False, force=args.force)
     request = GenerationRequest(prompt=args.prompt, width=width, height=height, steps=args.steps, seed=seed,
                                 guidance=args.guidance, negative=args.negative or "")
     request = model.resolve(request)

@@ -70,8 +70,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from imgpack.packager.export import export_model
+    from imgpack.packager.export import export_directory, export_model
+    from imgpack.schemas.locations import parse_location
 
+    if parse_location(args.ref).kind == "directory":
+        count = export_directory(args.ref, args.directory)
+        if args.json:
+            emit_json({"event": "exported", "source": args.ref, "files": count, "directory": args.directory})
+        elif not _quiet(args):
+            ui.out.print(f"Exported {markup_safe(args.ref)} ({count} files) to {markup_safe(args.directory)}")
+        return 0
     manifest = export_model(_store(args), args.ref, args.directory)
     if args.json:
         emit_json({"event": "exported", "reference": args.ref, "digest": manifest.digest,
@@ -282,7 +290,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.set_defaults(func=cmd_convert)
 
     p = add("export", "rebuild a diffusers directory from the store, bit-exact")
-    p.add_argument("ref", metavar="REF", help="a stored model")
+    p.add_argument("ref", metavar="REF", help="a stored model, or a directory of layer files (an oras pull, a"
+                   " Kubernetes image volume: ./DIR or /DIR)")
     p.add_argument("directory", metavar="DIR", help="where to write it (must not exist, or be empty)")
     p.set_defaults(func=cmd_export)
 

@@ -31,6 +31,7 @@ from imgpack.schemas.content import (
 )
 from imgpack.schemas.digest import is_digest
 from imgpack.schemas.errors import ImgpackError
+from imgpack.schemas.graph import parse_node
 from imgpack.schemas.manifest import title_for
 from imgpack.schemas.names import name_problem
 from imgpack.schemas.quantized import blob_quantization, legacy_quant_type, pair_separate_layers
@@ -125,6 +126,8 @@ class ArtifactCheck:
             return self._skip_rest("the target could not be read")
         report.add("LAY-001", PASS, self.source.label, f"{self.source.kind} target resolved to a manifest")
         raw = self._unsplit(raw)
+        if self._foreign(raw):
+            return self._skip_rest("not an imgpack model")
         if not self._manifest(raw):
             return self._skip_rest("the manifest could not be read")
         self._descriptor(raw)
@@ -141,6 +144,20 @@ class ArtifactCheck:
         for check in ARTIFACT_CHECKS:
             report.start(check)
         return report
+
+    def _foreign(self, raw: bytes) -> bool:
+        """A container image, a ModelPack model, an oras artifact: named once, not failed check by check."""
+        from imgpack.registry.model import describe_artifact, foreign_hint
+
+        try:
+            foreign = describe_artifact(parse_node(raw, self.source.label))
+        except ImgpackError:
+            return False  # the manifest checks say what is wrong with it
+        if foreign is None:
+            return False
+        self.report.info["foreign"] = foreign
+        self.report.fail("MAN-003", self.source.label, f"{foreign}, not an imgpack model; {foreign_hint(foreign)}")
+        return True
 
     def _unsplit(self, raw: bytes) -> bytes:
         """An index-split model is checked as the manifest it carries (the parts are checked to cover it)."""

@@ -192,3 +192,91 @@ def export_model(store: Store, ref: str, directory: str | Path) -> ModelManifest
         shutil.rmtree(work, ignore_errors=True)
         raise
     return manifest
+
+
+def _tensor_file(path: Path, where: str) -> tuple[int, Entry]:
+    """(offset of the data, entry) of a one-tensor file as ``oras pull`` writes a tensor layer."""
+    from imgpack.schemas.safetensors import read_header
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header = read_header(f, size, where)
+    if len(header.entries) != 1:
+        raise ImgpackError(f"{where}: holds {len(header.entries)} tensors, not one (a quantized tensor?);"
+                           " its source file cannot be rebuilt")
+    (entry,) = header.entries.values()
+    if header.data_start + entry.end != size:
+        raise IntegrityError(f"{where}: {size} bytes, but its header says {header.data_start + entry.end}")
+    return header.data_start + entry.begin, entry
+
+
+def export_directory(source: str | Path, directory: str | Path) -> int:
+    """Rebuild the diffusers directory from a directory of title-named layer files (``oras pull``, a Kubernetes
+    image volume): each ``X.safetensors.header`` file plus the tensor files it names become ``X.safetensors``,
+    byte for byte; other files are copied. Shapes, dtypes and sizes are checked; digests cannot be, since the
+    directory holds no manifest. Returns the number of files written."""
+    from imgpack.schemas import spec
+
+    root, target = Path(source), Path(directory)
+    if not (root / "model_index.json").is_file():
+        raise ImgpackError(f"{root}: no model_index.json; not a directory of an imgpack model's layer files")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ImgpackError(f"{target}: already exists and is not an empty directory; refusing to overwrite")
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    headers = [name for name in files if name.endswith(".safetensors" + spec.HEADER_TITLE_SUFFIX)]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
+    try:
+        used: set[str] = set()
+        for name in headers:
+            raw = (root / name).read_bytes()
+            parsed, problems = header_layer_problems(raw)
+            if parsed is None:
+                raise IntegrityError(f"{root / name}: malformed safetensors header: {problems[0][1]}")
+            prefix = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
+            out_path = work / name[: -len(spec.HEADER_TITLE_SUFFIX)]
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(out_path, "wb") as out:
+                out.write(raw)
+                for entry in parsed.by_offset():
+                    tensor = prefix + entry.key
+                    path = root / tensor
+                    if not path.is_file():
+                        raise ImgpackError(f"{root / name} names tensor {entry.key!r}, but {path} is missing")
+                    start, found = _tensor_file(path, str(path))
+                    if (found.dtype, found.shape) != (entry.dtype, entry.shape):
+                        raise ImgpackError(f"{path} is {found.dtype} {found.shape}, but {name} says"
+                                           f" {entry.dtype} {entry.shape}")
+                    with open(path, "rb") as f:
+                        f.seek(start)
+                        shutil.copyfileobj(_Limited(f, found.nbytes), out, CHUNK)
+                    used.add(tensor)
+        for name in files:
+            if name in used or name in headers:
+                continue
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / name, work / name)
+        if target.exists():
+            target.rmdir()
+        os.replace(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return len(headers) + len([n for n in files if n not in used and n not in headers])
+
+
+class _Limited:
+    """At most ``count`` bytes of ``f``; short reads are an integrity failure, not a short file."""
+
+    def __init__(self, f, count: int) -> None:  # noqa: ANN001
+        self.f, self.left = f, count
+
+    def read(self, n: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        data = self.f.read(self.left if n < 0 else min(n, self.left))
+        if not data:
+            raise IntegrityError(f"{getattr(self.f, 'name', 'tensor file')}: truncated")
+        self.left -= len(data)
+        return data

@@ -95,6 +95,9 @@ class CopyHooks:
     on_layer_limit: Callable[[Graph, LayerLimit], list[tuple[Descriptor, bytes]]] | None = None
     #: Rewrite the root before pushing (``--max-layers``): the nodes to push, root last.
     encode_root: Callable[[Graph], list[tuple[Descriptor, bytes]]] | None = None
+    #: Whether a different node the destination holds under the reference already carries this root (a split
+    #: index of it): then the copy is up to date.
+    is_current: Callable[[Target, Descriptor, Graph], bool] | None = None
     #: Repositories of the destination registry that may hold a blob (cross-repository mount hints).
     mount_candidates: Callable[[Descriptor], list[str]] | None = None
     #: Also copy the root's referrers (signatures, attestations).
@@ -198,7 +201,12 @@ def copy_graph(
     pushes = hooks.encode_root(graph) if hooks.encode_root is not None else [(root, raw)]
     final = pushes[-1][0]
     existing = dst.resolve(dst_reference or final.digest)
-    if existing is not None and existing.digest == final.digest and not graph.skipped:
+    if existing is not None and existing.digest != final.digest and final.digest == root.digest \
+            and hooks.is_current is not None and hooks.is_current(dst, existing, graph):
+        final = existing  # the destination holds this root in another form (the index-split one)
+    partial_at = getattr(dst, "is_partial", None)  # a store holding this model in part is not up to date
+    if existing is not None and existing.digest == final.digest and not graph.skipped \
+            and not (partial_at is not None and partial_at(existing)):
         result.up_to_date = True
         result.existing = len(blobs)
     else:

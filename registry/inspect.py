@@ -6,12 +6,13 @@ shown as the model it carries); an artifact that is not an imgpack model is name
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from imgpack.registry.layout import LayoutTarget
-from imgpack.registry.locations import Clients, open_location
+from imgpack.registry.locations import Clients, Endpoint, open_location
 from imgpack.registry.model import require_model, unsplit
 from imgpack.registry.retry import RetryPolicy
 from imgpack.registry.target import Target, read_node
@@ -79,10 +80,18 @@ def inspect_model(text: str, store_path: str | None, *, insecure: bool = False,
                   ca_file: str | None = None) -> ModelInfo:
     location = parse_location(text)
     store = Store.open(store_path, create=False) if location.kind == "store" else None
+    local = None
+    if location.kind == "remote":
+        # A pulled model is stored under its registry name: show that copy (partial or not) when there is one.
+        with contextlib.suppress(ImgpackError):
+            candidate = Store.open(store_path, create=False)
+            candidate.resolve(str(location.reference))
+            local = candidate
     cancel = threading.Event()
     clients = Clients(TransportOptions(insecure=insecure, ca_file=ca_file, retry=RetryPolicy(cancel=cancel)))
     try:
-        endpoint = open_location(location, store=store, clients=clients, write=False)
+        endpoint = (Endpoint(LayoutTarget(local), str(location.reference), location) if local is not None
+                    else open_location(location, store=store, clients=clients, write=False))
         reference = endpoint.reference or "latest"
         desc = endpoint.target.resolve(reference)
         if desc is None:
@@ -91,7 +100,7 @@ def inspect_model(text: str, store_path: str | None, *, insecure: bool = False,
         root, model_raw = unsplit(endpoint.target, desc, raw)
         where = endpoint.target.describe(reference)
         manifest = require_model(model_raw, parse_node(model_raw, where, root.media_type), where)
-        info = ModelInfo(location.kind, root.digest, manifest.media_type, manifest,
+        info = ModelInfo("store" if local is not None else location.kind, root.digest, manifest.media_type, manifest,
                          config_summary(endpoint.target, manifest),
                          split_index=desc.digest if root.digest != desc.digest else None)
         if isinstance(endpoint.target, LayoutTarget):

@@ -163,6 +163,10 @@ class LayoutTarget:
     def exists(self, desc: Descriptor) -> bool:
         return self.store.has_blob(desc.digest, desc.size)
 
+    def is_partial(self, desc: Descriptor) -> bool:
+        """Whether the store holds this manifest only in part (a partial pull): a full copy must complete it."""
+        return any(e.digest == desc.digest and e.partial for e in self.store.entries())
+
     def fetch(self, desc: Descriptor, offset: int = 0) -> Stream:
         return file_stream(lambda: self.store.open_blob(desc.digest), offset)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -143,6 +144,9 @@ class MirroredSource:
         self.mirrors = mirrors  # (RemoteRepository, Mirror)
         self.log = log or (lambda _m: None)
         self.served: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._down: set[int] = set()  # mirrors that could not be reached: not asked again in this copy
+        self._tries: dict[str, int] = {}  # fetches per digest: a retry goes to the next source in order
 
     def describe(self, reference: str | None = None) -> str:
         return self.origin.describe(reference)
@@ -151,7 +155,15 @@ class MirroredSource:
         return contextlib.nullcontext()
 
     def _order(self, reference: str) -> list:
-        return [repo for repo, mirror in self.mirrors if mirror.serves(reference)] + [self.origin]
+        with self._lock:
+            down = set(self._down)
+        return [repo for repo, mirror in self.mirrors if mirror.serves(reference) and id(repo) not in down] \
+            + [self.origin]
+
+    def _failed(self, repo, error: BaseException) -> None:  # noqa: ANN001
+        if not isinstance(error, (NotFoundError, IntegrityError)):
+            with self._lock:
+                self._down.add(id(repo))
 
     def _count(self, repo) -> None:  # noqa: ANN001
         key = repo.describe()
@@ -164,6 +176,7 @@ class MirroredSource:
             except MIRROR_ERRORS as e:
                 if repo is self.origin:
                     raise
+                self._failed(repo, e)
                 self.log(f"mirror {repo.describe()} failed ({e}); trying the next")
                 continue
             if found is not None or repo is self.origin:
@@ -177,13 +190,20 @@ class MirroredSource:
     @contextlib.contextmanager
     def _fetch(self, desc: Descriptor, offset: int) -> Iterator[tuple[int, Iterator[bytes]]]:
         last: BaseException | None = None
-        for repo in self._order(desc.digest):
+        with self._lock:
+            tries = self._tries.get(desc.digest, 0)
+            self._tries[desc.digest] = tries + 1
+        order = self._order(desc.digest)
+        # A second fetch of a blob means the first failed (bytes that did not match, a stream cut short): the
+        # content is verified only after the stream, so move on to the next source rather than ask again.
+        for repo in order[min(tries, len(order) - 1):]:
             stream = repo.fetch(desc, offset)
             try:
                 opened = stream.__enter__()
             except MIRROR_ERRORS as e:
                 last = e
                 if repo is not self.origin:
+                    self._failed(repo, e)
                     self.log(f"mirror {repo.describe()} failed for {desc.digest} ({e}); trying the next")
                 continue
             self._count(repo)

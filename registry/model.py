@@ -20,6 +20,7 @@ from imgpack.registry.layout import RefusedContent
 from imgpack.registry.progress import descriptor_component, descriptor_name
 from imgpack.registry.remote import LayerLimit
 from imgpack.registry.split import (
+    MANIFEST_ANNOTATION,
     check_parts_cover,
     is_split_index,
     manifest_blob_of,
@@ -29,59 +30,29 @@ from imgpack.registry.target import Target, read_node, read_range
 from imgpack.schemas import spec
 from imgpack.schemas.content import MAX_CONFIG_BLOB, config_problems, layer_problems
 from imgpack.schemas.errors import ImgpackError, IntegrityError, UsageError
+from imgpack.schemas.foreign import (  # noqa: F401 - re-exported: callers import them from here
+    BUNDLE_TYPE,
+    COSIGN_LAYER,
+    HELM_CONFIG,
+    IMAGE_CONFIG_TYPES,
+    MODELPACK_TYPES,
+    describe_artifact,
+    foreign_hint,
+)
 from imgpack.schemas.graph import Descriptor, Node, parse_node
 from imgpack.schemas.manifest import ModelManifest
 from imgpack.schemas.safetensors import TOLERATED
-
-MODELPACK_TYPES = ("application/vnd.cncf.model.manifest.v1+json", "application/vnd.cncf.model.config.v1+json")
-IMAGE_CONFIG_TYPES = ("application/vnd.oci.image.config.v1+json",)
-COSIGN_LAYER = "application/vnd.dev.cosign.simplesigning.v1+json"
-BUNDLE_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
-HELM_CONFIG = "application/vnd.cncf.helm.config.v1+json"
 
 
 class NotAModel(ImgpackError):
     """The artifact is something other than an imgpack model; the message says what."""
 
 
-def describe_artifact(node: Node) -> str | None:
-    """A name for a node that is not an imgpack model manifest, or None when it is one (or may be)."""
-    config_type = node.config.media_type if node.config else None
-    layer_types = {d.media_type for d in node.layers}
-    artifact = node.document.get("artifactType")
-    if is_split_index(node):
-        return None
-    if node.media_type in (spec.OCI_INDEX, spec.DOCKER_MANIFEST_LIST):
-        platforms = [m.fields.get("platform") for m in node.manifests if isinstance(m.fields.get("platform"), dict)]
-        if platforms:
-            return "a multi-platform container image index"
-        return f"an OCI image index of {len(node.manifests)} manifests"
-    if artifact in MODELPACK_TYPES or config_type in MODELPACK_TYPES:
-        return f"a CNCF ModelPack model (artifactType {artifact or config_type})"
-    if COSIGN_LAYER in layer_types:
-        return "a cosign signature"
-    if artifact == BUNDLE_TYPE:
-        return "a Sigstore bundle (a cosign 3 signature)"
-    if config_type == HELM_CONFIG:
-        return "a Helm chart"
-    imgpack_layers = layer_types & set(spec.LAYER_MEDIA_TYPES)
-    if config_type in IMAGE_CONFIG_TYPES:
-        return "a container image"
-    if node.media_type == spec.DOCKER_MANIFEST and config_type == spec.OLLAMA_CONFIG_MEDIA_TYPE:
-        return None if imgpack_layers else "a docker v2 container image"
-    if node.media_type == spec.OCI_MANIFEST and artifact != spec.ARTIFACT_TYPE and not imgpack_layers:
-        return f"an oras artifact (artifactType {artifact or config_type})"
-    return None
-
-
 def require_model(raw: bytes, node: Node, where: str) -> ModelManifest:
     """The imgpack model a manifest is, or :class:`NotAModel` saying what it is instead."""
     foreign = describe_artifact(node)
     if foreign is not None:
-        hint = "use 'imgpack copy' to move it between registries and layouts unchanged"
-        if "ModelPack" in foreign:
-            hint = "imgpack reads diffusers models packed by 'imgpack create'; " + hint
-        raise NotAModel(f"{where} is {foreign}, not an imgpack model; {hint}")
+        raise NotAModel(f"{where} is {foreign}, not an imgpack model; {foreign_hint(foreign)}")
     return ModelManifest.from_bytes(raw, source=where)
 
 
@@ -199,6 +170,18 @@ def model_hooks(
             return [(graph.root, graph.root_raw())]
         return split_model(graph.root_raw(), max_layers, str(graph.root.digest)).pushes()
 
+    def is_current(dst: Target, existing: Descriptor, graph: Graph) -> bool:
+        """A split index of this very manifest is already there (pushed by an earlier fallback)."""
+        if existing.media_type != spec.OCI_INDEX or existing.size > spec.MAX_MANIFEST_BYTES:
+            return False
+        try:
+            node = parse_node(read_node(dst, existing), dst.describe(existing.digest), existing.media_type)
+        except ImgpackError:
+            return False
+        if not is_split_index(node):
+            return False
+        return (node.document.get("annotations") or {}).get(MANIFEST_ANNOTATION) == graph.root.digest
+
     def on_layer_limit(graph: Graph, limit: LayerLimit) -> list[tuple[Descriptor, bytes]]:
         if not auto_split or graph.root_node().config is None:
             raise limit
@@ -211,6 +194,7 @@ def model_hooks(
         before_commit=before_commit,
         encode_root=encode_root,
         on_layer_limit=on_layer_limit,
+        is_current=is_current,
         mount_candidates=mount_candidates,
         referrers=referrers,
         after_copy=after_copy,

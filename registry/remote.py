@@ -27,7 +27,7 @@ from urllib.parse import quote, urljoin
 
 import requests
 
-from imgpack.registry.retry import Cancelled
+from imgpack.registry.retry import THROTTLE_STATUSES, Cancelled, throttled_answer
 from imgpack.registry.target import BlobSource, BlobStatus, ChunkReader, ProgressFn, Stream
 from imgpack.registry.transport import (
     RegistryClient,
@@ -89,6 +89,15 @@ class UploadPolicy:
 
 class _RetryUpload(Exception):
     """The upload session must be restarted (policy changed or the session broke)."""
+
+
+class _Throttled(Exception):
+    """The registry answered an upload body with 429/503: wait, then restart the upload."""
+
+    def __init__(self, status: int, retry_after: str | None) -> None:
+        super().__init__(status)
+        self.status = status
+        self.retry_after = retry_after
 
 
 class RemoteRepository:
@@ -339,8 +348,11 @@ class RemoteRepository:
         return location + ("&" if "?" in location else "?") + "digest=" + quote(digest, safe=":")
 
     def push(self, desc: Descriptor, source: BlobSource, progress: ProgressFn) -> BlobStatus:
-        """Upload one blob; restarts the upload session when the policy changes."""
-        for _ in range(8):
+        """Upload one blob; restarts the upload session when the policy changes, or after a wait when the
+        registry throttled a body (a streamed body cannot be replayed by the transport)."""
+        changes = throttles = 0
+        started = time.monotonic()
+        while changes < 8:
             location = self._start_upload()
             try:
                 if self.policy.use_chunks(desc.size):
@@ -348,9 +360,19 @@ class RemoteRepository:
                 else:
                     self._upload_monolithic(location, desc, source, progress)
                 return BlobStatus.UPLOADED
+            except _Throttled as throttled:
+                self._cancel_upload(location)
+                retry = self.client.retry
+                wait = retry.delay(throttles, throttled.retry_after)
+                if not retry.attempts_for(started, throttles, wait,
+                                          throttled_answer(throttled.status, throttled.retry_after)):
+                    raise TransferError(f"{self.describe()}: uploading blob {desc.digest}: the registry kept"
+                                        f" answering {throttled.status} (rate limit)") from None
+                retry.sleep(wait)
+                throttles += 1
             except _RetryUpload:
                 self._cancel_upload(location)
-                continue
+                changes += 1
         raise TransferError(f"{self.describe()}: could not find an upload method the registry accepts")
 
     def _cancel_upload(self, location: str) -> None:
@@ -398,6 +420,8 @@ class RemoteRepository:
             if resp.status_code == 413:
                 self.policy.refuse_chunk(length)
                 raise _RetryUpload()
+            if resp.status_code in THROTTLE_STATUSES:
+                raise _Throttled(resp.status_code, resp.headers.get("Retry-After"))
             if resp.status_code != 202:
                 raise TransferError(
                     f"{self.describe()}: PATCH blob {desc.digest} at {offset} answered {describe_response(resp)}"
@@ -417,6 +441,8 @@ class RemoteRepository:
         self._check_committed(resp, desc)
 
     def _check_committed(self, resp: requests.Response, desc: Descriptor) -> None:
+        if resp.status_code in THROTTLE_STATUSES:
+            raise _Throttled(resp.status_code, resp.headers.get("Retry-After"))
         if resp.status_code in (200, 201, 204):
             returned = resp.headers.get("Docker-Content-Digest")
             if returned and returned != desc.digest:

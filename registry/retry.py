@@ -52,6 +52,9 @@ class RetryPolicy:
     """When and how long to wait before replaying a request."""
 
     attempts: int = 5
+    #: A throttled request (429, or 503 with Retry-After) is replayed until the time budget is spent, at most this
+    #: often: a registry's per-minute budget (GHCR: ~2,000 layers a minute) can take tens of seconds to refill.
+    throttled_attempts: int = 60
     backoff_base: float = 0.2
     backoff_max: float = 10.0
     retry_after_max: float = 60.0
@@ -76,9 +79,16 @@ class RetryPolicy:
         if self.cancel.is_set():
             raise Cancelled("interrupted")
 
-    def attempts_for(self, started: float, attempt: int, wait: float) -> bool:
+    def attempts_for(self, started: float, attempt: int, wait: float, throttled: bool = False) -> bool:
         """Whether another attempt after waiting ``wait`` seconds stays within the attempts and the budget."""
-        return attempt + 1 < self.attempts and time.monotonic() - started + wait <= self.budget
+        limit = self.throttled_attempts if throttled else self.attempts
+        return attempt + 1 < limit and time.monotonic() - started + wait <= self.budget
+
+
+def throttled_answer(status: int, retry_after: str | None) -> bool:
+    """A rate limit rather than an outage: 429, or 503 with ``Retry-After``. Only these are replayed for the whole
+    time budget; a registry answering a bare 503 (down) fails after the usual attempts."""
+    return status == 429 or (status == 503 and bool(retry_after))
 
 
 class AdaptiveLimit:

@@ -25,7 +25,7 @@ from imgpack.schemas.manifest import encode_json
 
 PART_ARTIFACT_TYPE = "application/vnd.imgpack.model.part.v1"
 MANIFEST_BLOB_MEDIA_TYPE = "application/vnd.imgpack.model.manifest.v1+json"
-MANIFEST_ANNOTATION = "io.imgpack.split.manifest"
+MANIFEST_ANNOTATION = spec.SPLIT_MANIFEST_ANNOTATION
 PART_ANNOTATION = "io.imgpack.split.part"
 MANIFEST_BLOB_TITLE = "imgpack-manifest.json"
 #: Registries known to cap manifest layers, and the cap to use for them.

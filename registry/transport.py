@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -43,6 +44,7 @@ from imgpack.registry.retry import (
     Cancelled,
     RetryPolicy,
     parse_retry_after,
+    throttled_answer,
 )
 from imgpack.schemas.errors import AuthError, ImgpackError, TransferError
 
@@ -142,25 +144,80 @@ class TransportOptions:
         return self.retry.cancel
 
 
+def certs_dir() -> Path:
+    return Path(os.environ.get(DOCKER_CERTS_ENV) or DOCKER_CERTS_DIR)
+
+
+def _combined_bundle(base: str | None, extras: list[Path]) -> str:
+    """One PEM file: the base trust (``base``, else requests' default bundle) plus ``extras`` — so a private CA
+    for one registry does not make blob storage elsewhere (S3 behind a redirect) untrusted. The file is named by
+    its content, so every client and every run shares one copy."""
+    import hashlib
+    import tempfile
+
+    parts = [Path(base or requests.certs.where()).read_bytes()]
+    for extra in extras:
+        try:
+            parts.append(extra.read_bytes())
+        except OSError as exc:
+            raise ImgpackError(f"CA certificate {extra}: cannot read it ({exc.strerror})") from None
+    data = b"\n".join(p.rstrip(b"\n") for p in parts) + b"\n"
+    path = Path(tempfile.gettempdir()) / f"imgpack-ca-{hashlib.sha256(data).hexdigest()[:24]}.pem"
+    if not path.is_file() or path.read_bytes() != data:
+        scratch = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        scratch.write_bytes(data)
+        os.replace(scratch, path)
+    return str(path)
+
+
 def tls_settings(host: str, ca_file: str | None) -> tuple[str | bool, tuple[str, str] | None]:
-    """(``verify`` for requests, client certificate pair) for ``host``."""
-    certs = Path(os.environ.get(DOCKER_CERTS_ENV, DOCKER_CERTS_DIR)) / host
-    verify: str | bool = True
-    for candidate in (ca_file, os.environ.get("SSL_CERT_FILE"), os.environ.get("REQUESTS_CA_BUNDLE")):
+    """(``verify`` for requests, client certificate pair) for ``host``.
+
+    ``SSL_CERT_FILE``/``REQUESTS_CA_BUNDLE`` replace the default trust, as they do for other clients;
+    ``--ca-file`` and docker's ``certs.d/<host>/ca.crt`` are added to whichever trust is in force.
+    """
+    base = None
+    for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+        candidate = os.environ.get(name)
         if candidate:
             if not Path(candidate).is_file():
-                raise ImgpackError(f"CA bundle {candidate} does not exist")
-            verify = candidate
+                raise ImgpackError(f"{name}={candidate}: CA bundle does not exist")
+            base = candidate
             break
+    extras: list[Path] = []
+    if ca_file:
+        if not Path(ca_file).is_file():
+            raise ImgpackError(f"--ca-file {ca_file}: CA bundle does not exist")
+        extras.append(Path(ca_file))
+    certs = certs_dir() / host
     client = None
     if certs.is_dir():
-        ca = certs / "ca.crt"
-        if verify is True and ca.is_file():
-            verify = str(ca)
+        if (certs / "ca.crt").is_file():
+            extras.append(certs / "ca.crt")
         cert, key = certs / "client.cert", certs / "client.key"
         if cert.is_file() and key.is_file():
             client = (str(cert), str(key))
+        elif cert.is_file() or key.is_file():
+            raise ImgpackError(f"{certs}: client.cert and client.key go together; only one is there")
+    verify: str | bool = _combined_bundle(base, extras) if extras else (base or True)
     return verify, client
+
+
+def tls_failure(host: str, exc: BaseException) -> TransferError | None:
+    """A clear error for a TLS failure (untrusted certificate, refused client certificate), else None."""
+    text = repr(exc)
+    if "SSL" not in text and "certificate" not in text.lower():
+        return None
+    match = re.search(r"\[SSL: ?[A-Z_0-9]*\] ?([^('\"\\]+)", text)
+    reason = match.group(1).strip() if match else "TLS handshake failed"
+    where = certs_dir() / host
+    if "verify failed" in reason or "CERTIFICATE_VERIFY_FAILED" in text:
+        return TransferError(f"{host}: the registry's TLS certificate is not trusted ({reason}); if it uses a"
+                             f" private CA, trust it with --ca-file PEM, SSL_CERT_FILE=PEM or {where}/ca.crt")
+    if "alert" in reason or "certificate required" in reason:
+        return TransferError(f"{host}: the registry refused the TLS handshake ({reason}); if it requires a client"
+                             f" certificate, put it in {where}/client.cert and {where}/client.key")
+    return TransferError(f"{host}: TLS failed ({reason})")
 
 
 @dataclass
@@ -424,6 +481,9 @@ class RegistryClient:
                 with self.limit.slot():
                     resp = attempt_fn()
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+                tls = tls_failure(self.host, exc) if isinstance(exc, requests.ConnectionError) else None
+                if tls is not None:
+                    raise tls from None  # a certificate problem does not heal on retry
                 wait = policy.backoff(attempt)
                 if retry and policy.attempts_for(started, attempt, wait):
                     policy.sleep(wait)
@@ -437,7 +497,8 @@ class RegistryClient:
                 self.limit.success()
             if retry and resp.status_code in policy.statuses:
                 wait = policy.delay(attempt, resp.headers.get("Retry-After"))
-                if policy.attempts_for(started, attempt, wait):
+                if policy.attempts_for(started, attempt, wait, throttled_answer(resp.status_code,
+                                                                                resp.headers.get("Retry-After"))):
                     resp.close()
                     policy.sleep(wait)
                     attempt += 1

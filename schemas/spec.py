@@ -55,6 +55,8 @@ MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 MAX_TENSOR_BLOB_HEADER = 64 * 1024
 #: Largest manifest accepted from a registry or a file (distribution's default limit is 4 MiB).
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+#: On an image index: the digest of the model manifest it carries in index-split form (registry/split.py, spec §2.8).
+SPLIT_MANIFEST_ANNOTATION = "io.imgpack.split.manifest"
 MAX_NAME_LENGTH = 1024
 #: Longest path segment of a name, in UTF-8 bytes: the most ext4, XFS and APFS take as one file name (NTFS: 255
 #: UTF-16 units, never more than the UTF-8 bytes).

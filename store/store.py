@@ -35,6 +35,7 @@ from typing import Any, BinaryIO
 from imgpack.schemas import spec
 from imgpack.schemas.digest import check_digest, is_digest, sha256_bytes
 from imgpack.schemas.errors import ImgpackError, IntegrityError, NotFoundError
+from imgpack.schemas.foreign import describe_artifact, foreign_hint
 from imgpack.schemas.graph import Descriptor, Node, parse_node
 from imgpack.schemas.jsondoc import parse_json
 from imgpack.schemas.manifest import ModelManifest
@@ -407,6 +408,11 @@ class Store:
         # A bare digest names a model only if the index holds that manifest: never an arbitrary blob.
         if parsed.digest and any(e.digest == parsed.digest for e in self.entries()):
             return parsed, parsed.digest
+        # A model pulled by the digest of its index-split form is pinned under that reference, and stored as the
+        # manifest the index carries.
+        pinned = self.find(str(parsed)) if parsed.digest else None
+        if pinned is not None:
+            return parsed, pinned.digest
         raise NotFoundError(f"model {parsed} is not in the store {self.root} (see 'imgpack list')")
 
     def get_manifest(self, ref: str | Reference) -> ModelManifest:
@@ -415,7 +421,18 @@ class Store:
 
     def manifest_by_digest(self, digest: str, source: str | None = None) -> ModelManifest:
         raw = self.read_blob(digest)
-        return ModelManifest.from_bytes(raw, source=source or digest)
+        try:
+            return ModelManifest.from_bytes(raw, source=source or digest)
+        except ImgpackError:
+            foreign = None
+            with contextlib.suppress(ImgpackError):
+                foreign = describe_artifact(parse_node(raw, source or digest))
+            if foreign is None:
+                raise
+            # A container image or ModelPack model copied into the store: say what it is, not why the schema
+            # refuses it.
+            raise ImgpackError(f"{source or digest} is {foreign}, not an imgpack model; {foreign_hint(foreign)}")\
+                from None
 
     def node(self, digest: str, media_type: str | None = None) -> Node:
         """A stored manifest or index, parsed far enough to walk its graph."""

@@ -13,6 +13,7 @@ import base64
 import http.client
 import json
 import re
+import select
 import shutil
 import socket
 import struct
@@ -68,14 +69,20 @@ class RegistryServer:
     process: subprocess.Popen
     auth: str  # "open" | "htpasswd" | "token"
     token_server: TokenServer | None = None
+    #: The name clients use (a non-loopback name is reached over HTTPS by imgpack).
+    hostname: str = "127.0.0.1"
+    tls: bool = False
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.hostname}:{self.port}"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
+
+    def log_text(self) -> str:
+        return (self.root / "registry.log").read_text(errors="replace")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -90,15 +97,22 @@ class RegistryServer:
         return sorted((self.root / "storage").rglob("data"))
 
 
-def start_registry(root: Path, auth: str = "open", token_server: TokenServer | None = None) -> RegistryServer:
-    """Start docker-registry with storage under ``root``; wait until /v2/ answers."""
+def start_registry(root: Path, auth: str = "open", token_server: TokenServer | None = None, *,
+                   tls: ServerTls | None = None, remote_url: str | None = None,
+                   access_log: bool = False) -> RegistryServer:
+    """Start docker-registry with storage under ``root``; wait until /v2/ answers.
+
+    ``tls`` serves HTTPS with that certificate (and requires client certificates when it names client CAs);
+    ``remote_url`` makes it a pull-through cache of that registry (``proxy: remoteurl:``); ``access_log`` keeps
+    distribution's access log in ``registry.log`` so tests can count the requests it served.
+    """
     if REGISTRY_BIN is None:
         pytest.fail("docker-registry is not installed: `apt-get install docker-registry` (.ci/setup does this)")
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config: dict = {
         "version": 0.1,
-        "log": {"level": "error", "accesslog": {"disabled": True}},
+        "log": {"level": "info" if access_log else "error", "accesslog": {"disabled": not access_log}},
         "storage": {"filesystem": {"rootdirectory": str(root / "storage")}, "delete": {"enabled": True}},
         "http": {"addr": f"127.0.0.1:{port}", "secret": uuid.uuid4().hex},
     }
@@ -119,25 +133,133 @@ def start_registry(root: Path, auth: str = "open", token_server: TokenServer | N
                 "rootcertbundle": str(root / "token-cert.pem"),
             }
         }
+    if tls is not None:
+        config["http"]["tls"] = {"certificate": str(tls.cert), "key": str(tls.key)}
+        if tls.client_ca is not None:
+            config["http"]["tls"]["clientcas"] = [str(tls.client_ca)]
+    if remote_url is not None:
+        config["proxy"] = {"remoteurl": remote_url}
     (root / "config.yml").write_text(_yaml(config) + "\n")
     log = open(root / "registry.log", "wb")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen(
         [REGISTRY_BIN, "serve", str(root / "config.yml")], stdout=log, stderr=subprocess.STDOUT, cwd=root
     )
     log.close()
-    server = RegistryServer(root=root, port=port, process=process, auth=auth, token_server=token_server)
+    server = RegistryServer(root=root, port=port, process=process, auth=auth, token_server=token_server,
+                            hostname=tls.hostname if tls else "127.0.0.1", tls=tls is not None)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"docker-registry exited: {(root / 'registry.log').read_text()[-2000:]}")
         try:
-            if requests.get(f"{server.url}/v2/", timeout=1).status_code in (200, 401):
+            if tls is not None:
+                cert = (str(tls.client_cert), str(tls.client_key)) if tls.client_ca is not None else None
+                ok = requests.get(f"https://127.0.0.1:{port}/v2/", timeout=1, verify=str(tls.ca), cert=cert)
+            else:
+                ok = requests.get(f"{server.url}/v2/", timeout=1)
+            if ok.status_code in (200, 401):
                 return server
         except requests.RequestException:
             pass
         time.sleep(0.05)
     server.stop()
     raise RuntimeError("docker-registry did not come up in time")
+
+
+# ---------------------------------------------------------------------------------------------
+# A private CA, server and client certificates (for TLS registries)
+
+
+def tls_hostname() -> str | None:
+    """A name for this machine that resolves to a local address but is not a loopback *name*, so imgpack
+    reaches a registry under it over HTTPS (it uses plain HTTP for localhost and 127.0.0.0/8)."""
+    name = socket.gethostname()
+    try:
+        address = socket.gethostbyname(name)
+    except OSError:
+        return None
+    if name == "localhost" or name.endswith(".localhost") or not address.startswith("127."):
+        return None
+    return name
+
+
+needs_tls_hostname = pytest.mark.skipif(tls_hostname() is None,
+                                        reason="this machine's host name does not resolve to a loopback address")
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """PEM files of a private CA, a server certificate it signed and a client certificate it signed."""
+
+    hostname: str
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+    client_ca: Path | None = None  # set: the registry requires client certificates signed by it
+
+
+def make_pki(directory: Path, hostname: str) -> ServerTls:
+    """A CA and the certificates of a server named ``hostname`` (and 127.0.0.1) and of one client."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+
+    def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+        return path
+
+    def write_cert(cert: x509.Certificate, path: Path) -> Path:
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return path
+
+    def builder(subject: str, issuer: x509.Name, key: ec.EllipticCurvePrivateKey) -> x509.CertificateBuilder:
+        return (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=2)))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "imgpack test private CA")])
+    ca = (builder("imgpack test private CA", ca_name, ca_key)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+
+    def leaf(subject: str, usage: x509.ObjectIdentifier, names: list[x509.GeneralName]) -> tuple[x509.Certificate,
+                                                                                                  ec.EllipticCurvePrivateKey]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        b = (builder(subject, ca.subject, key)
+             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False))
+        if names:
+            b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return b.sign(ca_key, hashes.SHA256()), key
+
+    server, server_key = leaf(hostname, ExtendedKeyUsageOID.SERVER_AUTH,
+                              [x509.DNSName(hostname), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    client, client_key = leaf("imgpack test client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    return ServerTls(
+        hostname=hostname,
+        ca=write_cert(ca, directory / "ca.crt"),
+        cert=write_cert(server, directory / "server.crt"),
+        key=write_key(server_key, directory / "server.key"),
+        client_cert=write_cert(client, directory / "client.cert"),
+        client_key=write_key(client_key, directory / "client.key"),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,6 +431,15 @@ class LoggedRequest:
     path: str
     headers: dict[str, str]
     host: str
+    size: int = 0  # request body bytes
+    status: int = 0  # what the proxy answered
+    in_flight: int = 0  # requests the proxy was handling when this one arrived (itself included)
+    at: float = 0.0  # time.monotonic() on arrival
+
+
+#: Amazon ECR's answer to a manifest with too many layers, byte for byte.
+ECR_LAYER_LIMIT = (b'{"errors":[{"code":"UNSUPPORTED","message":"Invalid parameter at \'ImageManifest\' failed to'
+                   b' satisfy constraint: \'Limit on number of layers per image exceeded\'"}]}')
 
 
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization"}
@@ -322,9 +453,17 @@ class FaultProxy:
     upstream_auth: str | None = None
     faults: list[Fault] = field(default_factory=list)
     log: list[LoggedRequest] = field(default_factory=list)
+    #: Refuse manifest PUTs with more layers than this, as Amazon ECR does (405 and its error body).
+    layer_cap: int | None = None
+    #: (requests, seconds): blob requests beyond this many per sliding window are answered 429, as GHCR's
+    #: layers-per-minute budget is (scaled down to seconds); ``retry_after`` is then sent as Retry-After.
+    budget: tuple[int, float] | None = None
+    retry_after: str | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._in_flight = 0
+        self._budget_used: list[float] = []
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
@@ -347,6 +486,32 @@ class FaultProxy:
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+    def blob_bytes_sent(self) -> int:
+        """Bytes the client uploaded as blob content (PUT/PATCH bodies of upload sessions)."""
+        with self._lock:
+            return sum(r.size for r in self.log if r.method in ("PUT", "PATCH") and "/blobs/uploads/" in r.path)
+
+    def _over_budget(self, path: str) -> bool:
+        if self.budget is None or "/blobs/" not in path:
+            return False
+        count, window = self.budget
+        now = time.monotonic()
+        with self._lock:
+            self._budget_used = [t for t in self._budget_used if now - t < window]
+            if len(self._budget_used) >= count:
+                return True
+            self._budget_used.append(now)
+            return False
+
+    def _over_cap(self, method: str, path: str, body: bytes) -> bool:
+        if self.layer_cap is None or method != "PUT" or "/manifests/" not in path:
+            return False
+        try:
+            layers = json.loads(body).get("layers") or []
+        except (ValueError, AttributeError):
+            return False
+        return len(layers) > self.layer_cap
 
     def _match(self, method: str, path: str) -> Fault | None:
         with self._lock:
@@ -415,12 +580,39 @@ class FaultProxy:
                     return
                 self.wfile.write(data)
 
+            def send_response(self, code: int, message: str | None = None) -> None:
+                entry = getattr(self, "_entry", None)
+                if entry is not None:
+                    entry.status = code
+                super().send_response(code, message)
+
             def _handle(self) -> None:
+                with proxy._lock:
+                    proxy._in_flight += 1
+                    in_flight = proxy._in_flight
+                try:
+                    self._handle_counted(in_flight)
+                finally:
+                    with proxy._lock:
+                        proxy._in_flight -= 1
+
+            def _handle_counted(self, in_flight: int) -> None:
                 method, path = self.command, self.path
                 host = self.headers.get("Host", "")
                 body = self._body()
+                self._entry = LoggedRequest(method, path, dict(self.headers.items()), host, len(body), 0, in_flight,
+                                            time.monotonic())
                 with proxy._lock:
-                    proxy.log.append(LoggedRequest(method, path, dict(self.headers.items()), host))
+                    proxy.log.append(self._entry)
+                if proxy._over_cap(method, path, body):
+                    self._send(405, [("Content-Type", "application/json")], ECR_LAYER_LIMIT, None)
+                    return
+                if proxy._over_budget(path):
+                    headers = [("Content-Type", "application/json")]
+                    if proxy.retry_after is not None:
+                        headers.append(("Retry-After", proxy.retry_after))
+                    self._send(429, headers, b'{"errors":[{"code":"TOOMANYREQUESTS","message":"rate limit"}]}', None)
+                    return
                 if path.startswith("/_blobstore/"):
                     real = path[len("/_blobstore") :].split("?", 1)[0]
                     extra = {"Authorization": proxy.upstream_auth} if proxy.upstream_auth else {}
@@ -442,6 +634,120 @@ class FaultProxy:
                 self._send(status, headers, data, fault)
 
             do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle  # noqa: N815
+
+        return Handler
+
+
+# ---------------------------------------------------------------------------------------------
+# A forwarding proxy (what HTTPS_PROXY / HTTP_PROXY point at)
+
+
+@dataclass
+class ProxiedRequest:
+    method: str
+    target: str  # an absolute URL, or host:port for CONNECT
+    headers: dict[str, str]
+
+
+class ForwardProxy:
+    """A real forward proxy: absolute-URI requests are forwarded over plain HTTP, ``CONNECT host:port`` opens a
+    TCP tunnel (the TLS inside stays end-to-end). ``log`` records what each client asked for, headers included."""
+
+    def __init__(self) -> None:
+        self.log: list[ProxiedRequest] = []
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def connects(self) -> list[str]:
+        with self._lock:
+            return [r.target for r in self.log if r.method == "CONNECT"]
+
+    def forwarded(self) -> list[ProxiedRequest]:
+        with self._lock:
+            return [r for r in self.log if r.method != "CONNECT"]
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _record(self) -> None:
+                with proxy._lock:
+                    proxy.log.append(ProxiedRequest(self.command, self.path, dict(self.headers.items())))
+
+            def do_CONNECT(self) -> None:  # noqa: N802
+                self._record()
+                host, _, port = self.path.rpartition(":")
+                try:
+                    upstream = socket.create_connection((host, int(port)), timeout=10)
+                except (OSError, ValueError):
+                    self.send_error(502)
+                    return
+                self.send_response(200, "Connection established")
+                self.end_headers()
+                self.wfile.flush()
+                sockets = [self.connection, upstream]
+                try:
+                    while True:
+                        readable, _, _ = select.select(sockets, [], [], 30)
+                        if not readable:
+                            break
+                        for sock in readable:
+                            data = sock.recv(1 << 16)
+                            if not data:
+                                return
+                            (upstream if sock is self.connection else self.connection).sendall(data)
+                except OSError:
+                    pass
+                finally:
+                    upstream.close()
+                    self.close_connection = True
+
+            def _forward(self) -> None:
+                self._record()
+                url = urllib.parse.urlsplit(self.path)
+                if url.scheme != "http" or not url.hostname:
+                    self.send_error(400, "absolute http:// URL expected")
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
+                path = url.path + (f"?{url.query}" if url.query else "")
+                try:
+                    conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=30)
+                    conn.request(self.command, path or "/", body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read() if self.command != "HEAD" else b""
+                    conn.close()
+                except OSError:
+                    self.send_error(502)
+                    return
+                self.send_response(resp.status)
+                for key, value in resp.getheaders():
+                    if key.lower() not in HOP_HEADERS and key.lower() != "content-length":
+                        self.send_header(key, value)
+                given = resp.getheader("Content-Length")
+                self.send_header("Content-Length", given if self.command == "HEAD" and given else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _forward  # noqa: N815
 
         return Handler
 
@@ -484,6 +790,27 @@ def fault_proxy(open_registry: RegistryServer) -> Iterator[FaultProxy]:
     proxy = FaultProxy(open_registry)
     yield proxy
     proxy.stop()
+
+
+@pytest.fixture
+def forward_proxy() -> Iterator[ForwardProxy]:
+    proxy = ForwardProxy()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def no_network_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No proxy, CA-bundle or registries.conf settings from the machine: each test sets what it tests."""
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "no_proxy",
+                 "all_proxy", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    empty = tmp_path / "no-certs.d"
+    empty.mkdir(exist_ok=True)
+    monkeypatch.setenv("IMGPACK_DOCKER_CERTS_DIR", str(empty))
+    conf = tmp_path / "no-registries.conf"
+    conf.write_text("")
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(conf))
 
 
 @pytest.fixture
@@ -530,6 +857,29 @@ def write_mini_model(directory: Path, seeds: dict[str, int], tensors: int = 6, r
     return directory
 
 
+#: Tensor counts shaped like Z-Image-Turbo's (its transformer alone has 521): 1,161 tensor layers in all.
+WIDE_COUNTS = {"transformer": 521, "text_encoder": 398, "vae": 242}
+
+
+def write_wide_model(directory: Path, counts: dict[str, int] | None = None, seed: int = 0) -> Path:
+    """A diffusers-layout model with many tiny tensors (a few dozen bytes each): a layer count like a real
+    model's, built in well under a second. Per-component seeds differ, so no two tensors share a blob."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    index: dict[str, object] = {"_class_name": "ImgpackTestPipeline"}
+    for n, (component, count) in enumerate((counts or WIDE_COUNTS).items()):
+        index[component] = ["diffusers", "Component"]
+        (directory / component).mkdir(exist_ok=True)
+        (directory / component / "config.json").write_text(json.dumps({"component": component, "count": count}))
+        rng = np.random.default_rng(seed * 100 + n)
+        arrays = {f"layers.{i}.weight": rng.standard_normal((2, 3), dtype=np.float32) for i in range(count)}
+        save_file(arrays, str(directory / component / COMPONENT_FILES[component]))
+    (directory / "model_index.json").write_text(json.dumps(index))
+    return directory
+
+
 @pytest.fixture
 def make_model(tmp_path: Path):
     """``make_model(store, ref, seeds, fmt="oci", **kw)`` creates a mini model in ``store``; returns its digest."""
@@ -552,8 +902,16 @@ __all__ = [
     "PASSWORD",
     "TOKEN_SERVICE",
     "USER",
+    "ECR_LAYER_LIMIT",
     "Fault",
     "FaultProxy",
+    "ForwardProxy",
+    "ServerTls",
+    "forward_proxy",
+    "make_pki",
+    "needs_tls_hostname",
+    "no_network_env",
+    "tls_hostname",
     "RegistryServer",
     "TokenServer",
     "basic_header",
@@ -563,6 +921,8 @@ __all__ = [
     "isolated_credentials",
     "make_model",
     "write_mini_model",
+    "write_wide_model",
+    "WIDE_COUNTS",
     "needs_registry",
     "open_registry",
     "start_registry",
