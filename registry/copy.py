@@ -21,10 +21,11 @@ image index and its child manifests, a cosign ``.sig`` manifest, a container ima
 from __future__ import annotations
 
 import errno
+import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import requests
@@ -274,10 +275,12 @@ def _push_nodes(dst: Target, dst_reference: str | None, pushes: list[tuple[Descr
 def _move_blobs(src: Target, dst: Target, blobs: list[Descriptor], result: CopyResult, hooks: CopyHooks,
                 reporter: Reporter, cancel: threading.Event, concurrency: int) -> None:
     lock = threading.Lock()
+    # Asked once per copy, not per blob: isinstance against a runtime-checkable Protocol walks its attributes.
+    mounts = hooks.mount_candidates if isinstance(dst, Mounter) else None
 
     def transfer(desc: Descriptor) -> None:
         try:
-            status, moved = _transfer(src, dst, desc, hooks, reporter, cancel)
+            status, moved = _transfer(src, dst, desc, hooks, reporter, cancel, mounts)
         except ImgpackError as exc:
             exc.descriptor = desc  # type: ignore[attr-defined]
             raise
@@ -294,20 +297,29 @@ def _move_blobs(src: Target, dst: Target, blobs: list[Descriptor], result: CopyR
     failures: list[BaseException] = []
     aborted = False  # we cancelled the remaining blobs ourselves (auth refused, registry down, disk full)
     pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="imgpack-copy")
+    # Finished futures arrive on a queue: waiting on the whole pending set instead locks every one of a thousand
+    # futures on each wake-up, which cost the main thread more than all the blobs' bookkeeping.
+    finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
     try:
-        futures: list[Future] = [pool.submit(transfer, desc) for desc in blobs]
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
-            for future in done:
-                exc = future.exception()
-                if exc is None or isinstance(exc, Cancelled):
+        for desc in blobs:
+            pool.submit(transfer, desc).add_done_callback(finished.put)
+        for _ in blobs:
+            while True:
+                try:
+                    future = finished.get(timeout=0.5)  # a timeout keeps Ctrl-C answered promptly
+                    break
+                except queue.Empty:
                     continue
-                failures.append(exc)
-                gave_up = sum(isinstance(f, GaveUp) for f in failures)
-                if isinstance(exc, (AuthError, LocalIOError, DiskFull)) or gave_up >= GIVE_UP_AFTER:
-                    aborted = True
-                    cancel.set()
+            if future.cancelled():
+                continue
+            exc = future.exception()
+            if exc is None or isinstance(exc, Cancelled):
+                continue
+            failures.append(exc)
+            gave_up = sum(isinstance(f, GaveUp) for f in failures)
+            if isinstance(exc, (AuthError, LocalIOError, DiskFull)) or gave_up >= GIVE_UP_AFTER:
+                aborted = True
+                cancel.set()
     except BaseException:
         cancel.set()
         pool.shutdown(wait=False, cancel_futures=True)
@@ -328,7 +340,8 @@ def _move_blobs(src: Target, dst: Target, blobs: list[Descriptor], result: CopyR
 
 
 def _transfer(src: Target, dst: Target, desc: Descriptor, hooks: CopyHooks, reporter: Reporter,
-              cancel: threading.Event) -> tuple[BlobStatus, int]:
+              cancel: threading.Event,
+              mounts: Callable[[Descriptor], list[str]] | None = None) -> tuple[BlobStatus, int]:
     deadline = time.monotonic() + BLOB_DEADLINE_BASE + desc.size / MIN_RATE
     last: BaseException | None = None
     for attempt in range(BLOB_ATTEMPTS):
@@ -344,8 +357,9 @@ def _transfer(src: Target, dst: Target, desc: Descriptor, hooks: CopyHooks, repo
         try:
             if dst.exists(desc):
                 return BlobStatus.EXISTS, 0
-            if isinstance(dst, Mounter) and hooks.mount_candidates is not None:
-                for repository in hooks.mount_candidates(desc):
+            if mounts is not None:
+                assert isinstance(dst, Mounter)
+                for repository in mounts(desc):
                     if repository != dst.repository and dst.mount(desc, repository):
                         return BlobStatus.MOUNTED, 0
             return dst.push(desc, TargetBlobSource(src, desc), progress), moved
