@@ -199,7 +199,10 @@ def copy_graph(
     pushes = hooks.encode_root(graph) if hooks.encode_root is not None else [(root, raw)]
     final = pushes[-1][0]
     existing = dst.resolve(dst_reference or final.digest)
-    if existing is not None and existing.digest == final.digest and not graph.skipped:
+    # A local layout is asked for every blob too (a stat each): blobs are not fsynced one by one, so after a crash
+    # the index may name a blob the disk lost or cut short, and the next pull must fetch it, not call it up to date.
+    if (existing is not None and existing.digest == final.digest and not graph.skipped
+            and (not isinstance(dst, LayoutTarget) or all(dst.exists(b) for b in blobs))):
         result.up_to_date = True
         result.existing = len(blobs)
     else:
