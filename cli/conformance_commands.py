@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from imgpack.conformance.report import render_table
 from imgpack.schemas.errors import UsageError
 
 #: Exit status when a required check fails (the artifact or registry does not conform).
@@ -13,6 +12,7 @@ EXIT_NONCONFORMANT = 1
 
 def cmd_conformance(args: argparse.Namespace) -> int:
     from imgpack.cli import ui
+    from imgpack.conformance.report import render_table
 
     if args.registry:
         if args.target:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 
 from imgpack.cli import (
     conformance_commands,
@@ -37,6 +36,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def version() -> str:
+    from importlib import metadata  # here, not at the top: it costs every command ~0.1 s of CPU
+
     try:
         return metadata.version("imgpack")
     except metadata.PackageNotFoundError:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata
 import os
 import platform
 import secrets
@@ -162,6 +161,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"{'python':<15}{platform.python_version()} ({sys.executable})")
+    import importlib.metadata
+
     for dist in ("mlx", "mlx-cpu", "mlx-metal", "mlx-cuda-12", "mlx-cuda-13", "tokenizers", "pillow", "cmeel-openblas"):
         try:
             version = importlib.metadata.version(dist)

@@ -162,6 +162,7 @@ def _error(status: int, message: str) -> ImgpackError:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from imgpack.server.api import DEFAULT_KEEP_ALIVE, ApiError, parse_keep_alive
+    from imgpack.server.directories import open_model_dirs
     from imgpack.server.http import serve
     from imgpack.store.store import Store
 
@@ -173,7 +174,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_queue < 1:
         raise UsageError(f"--max-queue: {args.max_queue} must be at least 1")
     store = Store.open(args.store)
-    return serve(store, host, port, api_key=args.api_key or os.environ.get(API_KEY_ENV),
+    directories = open_model_dirs(args.model_dir, {name for name, _ in store.references()})
+    return serve(store, host, port, api_key=args.api_key or os.environ.get(API_KEY_ENV), directories=directories,
                  keep_alive=DEFAULT_KEEP_ALIVE if parsed is None else parsed, max_queue=args.max_queue,
                  allowed_hosts=tuple(args.allowed_host), allowed_origins=tuple(args.allowed_origin),
                  quiet=getattr(args, "quiet", False))
@@ -263,6 +265,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="how long an idle model stays loaded, e.g. 30s, 5m, 1h; negative = forever (default 5m)")
     p.add_argument("--max-queue", type=int, default=16, metavar="N",
                    help="queued requests per model before answering 503 (default 16)")
+    p.add_argument("--model-dir", action="append", default=[], metavar="[NAME=]DIR",
+                   help="also serve the model in DIR in place, a directory of layer files named by their titles (what"
+                        " 'oras pull' writes and a Kubernetes image volume mounts), as NAME (default: DIR's name);"
+                        " repeatable")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="also answer requests whose Host is NAME (repeatable; '*' = any). By default only loopback"
                         " names and the bound address are answered, which stops DNS-rebinding pages")

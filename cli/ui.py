@@ -8,20 +8,25 @@ import threading
 import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
 
-console = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+#: The rich consoles (``console`` on stderr, ``out`` on stdout), made on first use: importing rich costs a
+#: command like ``pull --json`` more CPU than its manifest does.
+_consoles: dict[str, Console] = {}
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("console", "out"):
+        if name not in _consoles:
+            from rich.console import Console
+
+            _consoles[name] = Console(stderr=name == "console", highlight=False, soft_wrap=True)
+        return _consoles[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: Characters that reorder or hide text on a terminal (bidi overrides and isolates, line/paragraph separators).
 _INVISIBLE = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029")
@@ -95,13 +100,15 @@ def byte_progress(description: str, enabled: bool = True) -> Iterator[ByteProgre
     if not (enabled and is_tty()):
         yield ByteProgress(None, description)
         return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=console,
+        console=__getattr__("console"),
         transient=True,
     )
     with progress:

@@ -21,10 +21,11 @@ image index and its child manifests, a cosign ``.sig`` manifest, a container ima
 from __future__ import annotations
 
 import errno
+import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import requests
@@ -204,9 +205,11 @@ def copy_graph(
     if existing is not None and existing.digest != final.digest and final.digest == root.digest \
             and hooks.is_current is not None and hooks.is_current(dst, existing, graph):
         final = existing  # the destination holds this root in another form (the index-split one)
-    partial_at = getattr(dst, "is_partial", None)  # a store holding this model in part is not up to date
-    if existing is not None and existing.digest == final.digest and not graph.skipped \
-            and not (partial_at is not None and partial_at(existing)):
+    # A local layout is asked for every blob too (a stat each): a store holding the model in part is not up to
+    # date, and blobs are not fsynced one by one, so after a crash the index may name a blob the disk lost or cut
+    # short, which the next pull must fetch.
+    if (existing is not None and existing.digest == final.digest and not graph.skipped
+            and (not isinstance(dst, LayoutTarget) or all(dst.exists(b) for b in blobs))):
         result.up_to_date = True
         result.existing = len(blobs)
     else:
@@ -282,10 +285,12 @@ def _push_nodes(dst: Target, dst_reference: str | None, pushes: list[tuple[Descr
 def _move_blobs(src: Target, dst: Target, blobs: list[Descriptor], result: CopyResult, hooks: CopyHooks,
                 reporter: Reporter, cancel: threading.Event, concurrency: int) -> None:
     lock = threading.Lock()
+    # Asked once per copy, not per blob: isinstance against a runtime-checkable Protocol walks its attributes.
+    mounts = hooks.mount_candidates if isinstance(dst, Mounter) else None
 
     def transfer(desc: Descriptor) -> None:
         try:
-            status, moved = _transfer(src, dst, desc, hooks, reporter, cancel)
+            status, moved = _transfer(src, dst, desc, hooks, reporter, cancel, mounts)
         except ImgpackError as exc:
             exc.descriptor = desc  # type: ignore[attr-defined]
             raise
@@ -302,20 +307,29 @@ def _move_blobs(src: Target, dst: Target, blobs: list[Descriptor], result: CopyR
     failures: list[BaseException] = []
     aborted = False  # we cancelled the remaining blobs ourselves (auth refused, registry down, disk full)
     pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="imgpack-copy")
+    # Finished futures arrive on a queue: waiting on the whole pending set instead locks every one of a thousand
+    # futures on each wake-up, which cost the main thread more than all the blobs' bookkeeping.
+    finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
     try:
-        futures: list[Future] = [pool.submit(transfer, desc) for desc in blobs]
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
-            for future in done:
-                exc = future.exception()
-                if exc is None or isinstance(exc, Cancelled):
+        for desc in blobs:
+            pool.submit(transfer, desc).add_done_callback(finished.put)
+        for _ in blobs:
+            while True:
+                try:
+                    future = finished.get(timeout=0.5)  # a timeout keeps Ctrl-C answered promptly
+                    break
+                except queue.Empty:
                     continue
-                failures.append(exc)
-                gave_up = sum(isinstance(f, GaveUp) for f in failures)
-                if isinstance(exc, (AuthError, LocalIOError, DiskFull)) or gave_up >= GIVE_UP_AFTER:
-                    aborted = True
-                    cancel.set()
+            if future.cancelled():
+                continue
+            exc = future.exception()
+            if exc is None or isinstance(exc, Cancelled):
+                continue
+            failures.append(exc)
+            gave_up = sum(isinstance(f, GaveUp) for f in failures)
+            if isinstance(exc, (AuthError, LocalIOError, DiskFull)) or gave_up >= GIVE_UP_AFTER:
+                aborted = True
+                cancel.set()
     except BaseException:
         cancel.set()
         pool.shutdown(wait=False, cancel_futures=True)
@@ -330,13 +344,14 @@ def _move_blobs(src: Target, dst: Target, blobs: list[Descriptor], result: CopyR
             kind = TransferError
         count = f"{len(failures)} of {len(blobs)} blobs failed" if len(failures) > 1 else "a blob failed"
         stopped = "; stopped early" if aborted else ""
-        desc = getattr(first, "descriptor", None)
-        what = f"{_label(desc)} (blob {desc.digest}): " if desc is not None and desc.fields.get("name") else ""
+        failed = getattr(first, "descriptor", None)
+        what = f"{_label(failed)} (blob {failed.digest}): " if failed is not None and failed.fields.get("name") else ""
         raise kind(f"{result.destination}: {count}{stopped}; {what}{first}; the manifest was not written")
 
 
 def _transfer(src: Target, dst: Target, desc: Descriptor, hooks: CopyHooks, reporter: Reporter,
-              cancel: threading.Event) -> tuple[BlobStatus, int]:
+              cancel: threading.Event,
+              mounts: Callable[[Descriptor], list[str]] | None = None) -> tuple[BlobStatus, int]:
     deadline = time.monotonic() + BLOB_DEADLINE_BASE + desc.size / MIN_RATE
     last: BaseException | None = None
     for attempt in range(BLOB_ATTEMPTS):
@@ -352,8 +367,9 @@ def _transfer(src: Target, dst: Target, desc: Descriptor, hooks: CopyHooks, repo
         try:
             if dst.exists(desc):
                 return BlobStatus.EXISTS, 0
-            if isinstance(dst, Mounter) and hooks.mount_candidates is not None:
-                for repository in hooks.mount_candidates(desc):
+            if mounts is not None:
+                assert isinstance(dst, Mounter)
+                for repository in mounts(desc):
                     if repository != dst.repository and dst.mount(desc, repository):
                         return BlobStatus.MOUNTED, 0
             return dst.push(desc, TargetBlobSource(src, desc), progress), moved

@@ -163,12 +163,20 @@ class LayoutTarget:
     def exists(self, desc: Descriptor) -> bool:
         return self.store.has_blob(desc.digest, desc.size)
 
-    def is_partial(self, desc: Descriptor) -> bool:
-        """Whether the store holds this manifest only in part (a partial pull): a full copy must complete it."""
-        return any(e.digest == desc.digest and e.partial for e in self.store.entries())
-
     def fetch(self, desc: Descriptor, offset: int = 0) -> Stream:
         return file_stream(lambda: self.store.open_blob(desc.digest), offset)
+
+    def read_range(self, desc: Descriptor, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes of a stored blob from ``offset``, in one ``pread``: the content checks read a
+        header of a few hundred bytes from each of a thousand blobs, where a stream would read a MiB of each."""
+        with self.store.open_blob(desc.digest) as fh:
+            out = os.pread(fh.fileno(), length, offset)
+            while len(out) < length:
+                more = os.pread(fh.fileno(), length - len(out), offset + len(out))
+                if not more:
+                    break
+                out += more
+        return out
 
     def push_node(self, desc: Descriptor, raw: bytes, reference: str | None = None) -> None:
         node_desc = self.store.put_node(raw, desc.media_type, self.describe(reference or desc.digest),

@@ -102,7 +102,11 @@ def check_content(dst: Target, graph: Graph, flavour: str, where: str) -> None:
     root = graph.root_node()
     problems: list[str] = []
 
+    local_read = getattr(dst, "read_range", None)  # a local layout reads exactly the bytes asked for
+
     def reader(desc: Descriptor) -> Callable[[int, int], bytes]:
+        if local_read is not None:
+            return lambda offset, length: local_read(desc, offset, length)
         return lambda offset, length: read_range(dst, desc, offset, length)
 
     for layer in root.layers:

@@ -274,7 +274,10 @@ class RemoteRepository:
         headers = {"Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        with self.client.stream_slots:
+        # A body that fits in one read holds no bandwidth or buffer worth queueing for: a slot would only leave
+        # the request rate of a thousand small tensors to the registry's latency.
+        slot = self.client.stream_slots if desc.size > READ_CHUNK else contextlib.nullcontext()
+        with slot:
             resp = self.client.request("GET", f"/v2/{self.repository}/blobs/{desc.digest}", scope=self.scope,
                                        headers=headers, stream=True)
             try:

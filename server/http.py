@@ -28,6 +28,7 @@ from urllib.parse import unquote
 
 from imgpack.server import ollama_api, openai_api
 from imgpack.server.api import DEFAULT_HOST, DEFAULT_KEEP_ALIVE, DEFAULT_PORT, ApiError
+from imgpack.server.directories import DirectoryModel
 from imgpack.server.guard import WebPolicy, cors_headers, is_loopback, parse_json_body, split_host
 from imgpack.server.jobs import DEFAULT_MAX_QUEUE, ModelManager, default_loader
 from imgpack.server.openai_api import ImageFiles
@@ -93,6 +94,7 @@ class ImageServer(HttpServer):
         allowed_hosts: tuple[str, ...] = (),
         allowed_origins: tuple[str, ...] = (),
         workers: int = DEFAULT_WORKERS,
+        directories: tuple[DirectoryModel, ...] | list[DirectoryModel] = (),
         **timeouts: Any,  # header/body/idle/write timeouts (s), max_connections: see wire.HttpServer
     ) -> None:
         super().__init__(address, max_body=max_body, workers=workers, **timeouts)
@@ -100,7 +102,8 @@ class ImageServer(HttpServer):
         self.api_key = api_key or None
         self.quiet = quiet
         self.policy = WebPolicy.create(address[0], allowed_hosts, allowed_origins)
-        self.manager = ModelManager(store, keep_alive=keep_alive, max_queue=max_queue, loader=loader)
+        self.manager = ModelManager(store, keep_alive=keep_alive, max_queue=max_queue, loader=loader,
+                                    directories=directories)
         self.files = ImageFiles()
 
     @property
@@ -218,13 +221,15 @@ def serve(
     allowed_origins: tuple[str, ...] = (),
     quiet: bool = False,
     ready: threading.Event | None = None,
+    directories: tuple[DirectoryModel, ...] | list[DirectoryModel] = (),
 ) -> int:
     """Serve until interrupted; Ctrl-C (or SIGTERM) cancels running jobs and unloads every model."""
     import signal
 
     try:
         server = ImageServer((host, port), store, api_key=api_key, keep_alive=keep_alive, max_queue=max_queue,
-                             allowed_hosts=allowed_hosts, allowed_origins=allowed_origins, quiet=quiet)
+                             allowed_hosts=allowed_hosts, allowed_origins=allowed_origins, quiet=quiet,
+                             directories=directories)
     except OSError as e:
         from imgpack.schemas.errors import ImgpackError
 
@@ -240,6 +245,8 @@ def serve(
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+    for model in directories:
+        print(f"imgpack: {model.name} is {model.path} ({model.tensors} tensors, served in place)", flush=True)
     print(f"imgpack: serving {store.root} at {server.url} (OpenAI API under {server.url}/v1, ollama's under"
           f" {server.url}/api, a page at {server.url}/)", flush=True)
     if ready is not None:

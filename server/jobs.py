@@ -23,12 +23,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from imgpack.schemas.errors import ImgpackError, NotFoundError, UsageError
 from imgpack.schemas.reference import Reference
 from imgpack.server import imaging
 from imgpack.server.api import DEFAULT_KEEP_ALIVE, ApiError, ImageJobSpec
+from imgpack.server.directories import DirectoryModel
 from imgpack.server.wire import printable
 from imgpack.store.store import Store
 
@@ -110,18 +112,20 @@ class LoadedModel:
 # -- the runtime boundary ----------------------------------------------------------------------------
 
 
-def default_loader(store: Store, name: str, width: int = 1024, height: int = 1024, batch: int = 1) -> Any:
-    """Open and fully load a model (the server pays the load once, not per request).
+def default_loader(store: Store, name: str, width: int = 1024, height: int = 1024, batch: int = 1,
+                   directory: Path | None = None) -> Any:
+    """Open and fully load a model — from the store, or in place from ``directory`` (``--model-dir``) — so the
+    server pays the load once, not per request.
 
     The server keeps every network resident, so it checks, before loading anything, that they fit together with
     the working memory of the request that asked for the load (its own size and batch); a model that does not fit
     is refused with the memory message instead of being killed part-way through loading.
     """
-    from imgpack.runtime import open_pipeline
+    from imgpack.runtime import open_directory, open_pipeline
     from imgpack.runtime.backend import available_memory
     from imgpack.runtime.common.loader import check_memory
 
-    model = open_pipeline(store, name)
+    model = open_directory(directory) if directory is not None else open_pipeline(store, name)
     need = sum(model.weight_bytes().values()) + model.activation_bytes(width, height, batch) + \
         model.expanded_layer_bytes()
     check_memory(need, available_memory(), f"model {name} at {width}x{height} (the server keeps all of it loaded)")
@@ -267,9 +271,12 @@ class ModelManager:
         *,
         keep_alive: float = DEFAULT_KEEP_ALIVE,
         max_queue: int = DEFAULT_MAX_QUEUE,
-        loader: Callable[[Store, str, int, int, int], Any] = default_loader,
+        loader: Callable[..., Any] = default_loader,
+        directories: tuple[DirectoryModel, ...] | list[DirectoryModel] = (),
     ) -> None:
         self.store = store
+        #: Models served in place from directories (``--model-dir``), found before the store's.
+        self.directories = tuple(directories)
         self.keep_alive = keep_alive
         self.max_queue = max_queue
         self.loader = loader
@@ -285,7 +292,11 @@ class ModelManager:
         """(canonical name, manifest digest) of a stored model, looking only at the store's index.
 
         A digest reference must name an indexed manifest: any other blob (a multi-GB tensor) is never read as one.
+        A ``--model-dir`` model answers to its name (with or without ``:latest``) and its digest.
         """
+        for model in self.directories:
+            if model.matches(given) or (reference.tag is None and reference.digest == model.digest):
+                return model.name, model.digest
         try:
             if reference.tag is None and reference.digest:
                 for name, digest in self.store.references():
@@ -299,6 +310,14 @@ class ModelManager:
         except ImgpackError as e:
             raise ApiError(500, f"the store's index is unreadable: {e}", code="store_error") from None
         return str(parsed.with_tag(parsed.tag)) if parsed.tag else str(parsed), digest
+
+    def directory(self, digest: str) -> DirectoryModel | None:
+        """The ``--model-dir`` model with this digest, if it is one."""
+        return next((m for m in self.directories if m.digest == digest), None)
+
+    def references(self) -> list[tuple[str, str]]:
+        """(name, digest) of every model this server has: its directories, then the store's."""
+        return [(m.name, m.digest) for m in self.directories] + self.store.references()
 
     # -- jobs ----------------------------------------------------------------------------------------
 
@@ -409,9 +428,11 @@ class ModelManager:
         try:
             if entry.model is None:
                 load_started = time.monotonic()
+                directory = self.directory(entry.digest)
+                where = {"directory": directory.path} if directory is not None else {}
                 try:
                     entry.model = self.loader(self.store, entry.name, spec.width, spec.height,
-                                              2 if spec.guidance > 0 else 1)
+                                              2 if spec.guidance > 0 else 1, **where)
                 except Exception as e:  # noqa: BLE001 - translated below; a failed load is retried next request
                     error = load_failure(entry.name, e)
                     if error is None:

@@ -209,7 +209,13 @@ def _stream(server: ImageServer, ex: Exchange, job: Job, started: float) -> None
 
 
 def details(server: ImageServer, name: str, digest: str) -> tuple[dict[str, Any], int, int]:
-    """(ollama's ``details``, parameter count, total bytes) of a stored model, from its manifest alone."""
+    """(ollama's ``details``, parameter count, total bytes) of a stored model, from its manifest alone (of a
+    ``--model-dir`` model, from what the directory holds: its files carry no dtypes or shapes to count)."""
+    directory = server.manager.directory(digest)
+    if directory is not None:
+        info = {"parent_model": "", "format": "safetensors", "family": directory.architecture,
+                "families": [directory.architecture], "parameter_size": "", "quantization_level": ""}
+        return info, 0, directory.size
     manifest = server.store.manifest_by_digest(digest, source=name)
     parameters = sum(math.prod(t.shape or []) for t in manifest.tensors if t.shape is not None)
     dtypes = sorted({t.dtype for t in manifest.tensors if t.dtype})
@@ -239,7 +245,7 @@ def _modified(server: ImageServer, name: str, digest: str) -> str:
 
 def tags(server: ImageServer, ex: Exchange) -> None:
     rows = []
-    for name, digest in server.store.references():
+    for name, digest in server.manager.references():
         try:
             info, _, size = details(server, name, digest)
         except ImgpackError:
@@ -286,7 +292,11 @@ def version(server: ImageServer, ex: Exchange) -> None:
 
 def delete(server: ImageServer, ex: Exchange) -> None:
     given = _model_name(_object(server, ex))
-    name, _ = _resolve(server, given)
+    name, digest = _resolve(server, given)
+    directory = server.manager.directory(digest)
+    if directory is not None:
+        raise ApiError(400, f"model '{given}' is served from the directory {directory.path}; imgpack deletes only"
+                       " stored models", code="not_deletable")
     try:
         server.manager.stop(name, wait=0)
     except ApiError:

@@ -175,7 +175,15 @@ def sse(event: str, body: Any) -> bytes:
 
 
 def created_at(server: ImageServer, name: str, digest: str) -> dt.datetime | None:
-    """When a stored model was made (its manifest's created annotation), if it says."""
+    """When a stored model was made (its manifest's created annotation), if it says; for a ``--model-dir`` model,
+    when its ``model_index.json`` was written."""
+    directory = server.manager.directory(digest)
+    if directory is not None:
+        try:
+            mtime = (directory.path / "model_index.json").stat().st_mtime
+        except OSError:
+            return None
+        return dt.datetime.fromtimestamp(mtime, dt.UTC)
     try:
         manifest = server.store.manifest_by_digest(digest, source=name)
         stamp = (manifest.document.get("annotations") or {}).get(oci_spec.CREATED_ANNOTATION)
@@ -191,7 +199,7 @@ def model_row(server: ImageServer, name: str, digest: str) -> dict[str, Any]:
 
 
 def models(server: ImageServer, ex: Exchange) -> None:
-    rows = [model_row(server, name, digest) for name, digest in server.store.references()]
+    rows = [model_row(server, name, digest) for name, digest in server.manager.references()]
     server.send_json(ex, 200, {"object": "list", "data": rows})
 
 
