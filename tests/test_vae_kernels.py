@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -31,13 +33,17 @@ def conv_module(cin: int, cout: int, seed: int) -> Conv3x3:
     return conv
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_conv3x3_matches_mlx(shape: tuple[int, ...]) -> None:
+CONVS = [vae_kernels.conv3x3, vae_kernels.winograd_conv3x3, vae_kernels.conv3x3_auto]
+
+
+@pytest.mark.parametrize("kernel", CONVS, ids=lambda k: k.__name__)
+@pytest.mark.parametrize("shape", [*SHAPES, (1, 6, 7, 256, 16)])
+def test_conv3x3_matches_mlx(shape: tuple[int, ...], kernel: Callable) -> None:
     b, h, w, cin, cout = shape
     conv = conv_module(cin, cout, 1)
     x = random((b, h, w, cin), 2)
     expected = mx.conv2d(x, conv.weight, padding=1) + conv.bias
-    assert rel_err(vae_kernels.conv3x3(x, conv.weight, conv.bias, conv), expected) < 1e-5
+    assert rel_err(kernel(x, conv.weight, conv.bias, conv), expected) < 1e-5
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -50,26 +56,32 @@ def test_upsample_conv_matches_mlx(shape: tuple[int, ...]) -> None:
     assert rel_err(vae_kernels.upsample_conv3x3(x, conv.weight, conv.bias, conv), expected) < 1e-5
 
 
-@pytest.mark.parametrize("band_floats", [1, 9 * 8 * 3, 9 * 8 * 40])
-def test_banded_edges(monkeypatch: pytest.MonkeyPatch, band_floats: int) -> None:
-    """Bands of one row, a few rows and a ragged last band give the same result as one band."""
+@pytest.mark.parametrize("rows", [1, 3, 5, 100])
+def test_banded_edges(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
+    """Bands of one row (one tile row for Winograd), a few rows with a ragged last band, and a single band all
+    give MLX's result."""
     conv = conv_module(8, 12, 5)
     x = random((1, 23, 19, 8), 6)
     expected = mx.conv2d(x, conv.weight, padding=1) + conv.bias
     up = mx.broadcast_to(x[:, :, None, :, None, :], (1, 23, 2, 19, 2, 8)).reshape(1, 46, 38, 8)
     expected_up = mx.conv2d(up, conv.weight, padding=1) + conv.bias
-    monkeypatch.setattr(vae_kernels, "BAND_FLOATS", band_floats)
+    monkeypatch.setattr(vae_kernels, "BAND_FLOATS", rows * (19 + 2) * 9 * 8)  # (w + 2) x 9 Cin floats a row
+    monkeypatch.setattr(vae_kernels, "WINOGRAD_BAND_FLOATS", rows * 16 * 10 * (8 + 12))  # 16 x tiles x (Cin + Cout)
     assert rel_err(vae_kernels.conv3x3(x, conv.weight, conv.bias, conv), expected) < 1e-5
+    assert rel_err(vae_kernels.winograd_conv3x3(x, conv.weight, conv.bias, conv), expected) < 1e-5
     assert rel_err(vae_kernels.upsample_conv3x3(x, conv.weight, conv.bias, conv), expected_up) < 1e-5
 
 
 def test_weight_cache_follows_replaced_weights() -> None:
+    """Each weight layout is cached per module and kernel, and rebuilt when the weight array is replaced."""
     conv = conv_module(4, 4, 7)
     x = random((1, 5, 5, 4), 8)
-    vae_kernels.conv3x3(x, conv.weight, conv.bias, conv)
+    for kernel in (*CONVS, vae_kernels.upsample_conv3x3):
+        kernel(x, conv.weight, conv.bias, conv)
     conv.weight = random((4, 3, 3, 4), 9)
     expected = mx.conv2d(x, conv.weight, padding=1) + conv.bias
-    assert rel_err(vae_kernels.conv3x3(x, conv.weight, conv.bias, conv), expected) < 1e-5
+    for kernel in CONVS:
+        assert rel_err(kernel(x, conv.weight, conv.bias, conv), expected) < 1e-5
 
 
 def test_outputs_are_fresh_buffers() -> None:

@@ -120,7 +120,7 @@ class Conv3x3(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if vae_kernels.fast_conv(x, self.weight):
-            return vae_kernels.conv3x3(x, self.weight, self.bias, self)
+            return vae_kernels.conv3x3_auto(x, self.weight, self.bias, self)
         b, h, w, c = x.shape
         rows = max(1, BAND_ELEMENTS // (b * w * c))
         if rows >= h:
