@@ -75,28 +75,46 @@ def _cached(module: Any, weight: mx.array, build: Any) -> Any:
     return cache[1]
 
 
+def _torch_order(w: np.ndarray) -> np.ndarray:
+    """MLX (Cout, 3, 3, Cin) -> (Cout, Cin, 3, 3); free when, as loaded, it is a transposed view of that."""
+    return np.ascontiguousarray(w.transpose(0, 3, 1, 2))
+
+
 def _direct_weights(w: np.ndarray) -> np.ndarray:
-    """MLX (Cout, 3, 3, Cin) -> (9*Cin, Cout), taps in (dy, dx) order, channels fastest: the im2col layout."""
+    """MLX (Cout, 3, 3, Cin) -> (9*Cin, Cout), taps in (dy, dx) order, channels fastest: the im2col layout
+    (a transposed view of a (Cout, 9*Cin) array: sgemm reads it transposed, no copy)."""
     cout, _, _, cin = w.shape
-    return np.ascontiguousarray(w.transpose(1, 2, 3, 0).reshape(9 * cin, cout))
+    return np.ascontiguousarray(w).reshape(cout, 9 * cin).T
 
 
 #: For output phase p (0 even, 1 odd) of a nearest-x2 upsample, which of the 3 taps fall on input offset 0 / 1.
 _PHASE_TAPS = {0: ((0,), (1, 2)), 1: ((0, 1), (2,))}
 
 
-def _phase_weights(w: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
-    """(Cout, 3, 3, Cin) -> per phase (py, px) the (4*Cin, Cout) weights of its 2x2 convolution."""
-    cout, _, _, cin = w.shape
-    out = {}
+def _phase_matrix() -> np.ndarray:
+    """(9, 16): which 3x3 taps (i, j) sum into tap (a, b) of phase (py, px), columns in (py, px, a, b) order."""
+    m = np.zeros((3, 3, 2, 2, 2, 2), np.float32)
     for py in (0, 1):
         for px in (0, 1):
-            taps = np.empty((2, 2, cin, cout), np.float32)
             for a, rows in enumerate(_PHASE_TAPS[py]):
                 for b, cols in enumerate(_PHASE_TAPS[px]):
-                    taps[a, b] = w[:, rows][:, :, cols].sum(axis=(1, 2)).T
-            out[py, px] = np.ascontiguousarray(taps.reshape(4 * cin, cout))
-    return out
+                    for i in rows:
+                        for j in cols:
+                            m[i, j, py, px, a, b] = 1.0
+    return m.reshape(9, 16)
+
+
+_PHASE_MATRIX = _phase_matrix()
+
+
+def _phase_weights(w: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
+    """(Cout, 3, 3, Cin) -> per phase (py, px) the (4*Cin, Cout) weights of its 2x2 convolution, rows in
+    (a, b, Cin) order (transposed views: sgemm reads them as they lie)."""
+    cout, _, _, cin = w.shape
+    summed = (_torch_order(w).reshape(cout * cin, 9) @ _PHASE_MATRIX).reshape(cout, cin, 16)
+    by_tap = np.ascontiguousarray(summed.transpose(0, 2, 1))  # (Cout, 16 = phase x tap, Cin)
+    return {(py, px): by_tap[:, 8 * py + 4 * px : 8 * py + 4 * px + 4].reshape(cout, 4 * cin).T
+            for py in (0, 1) for px in (0, 1)}
 
 
 def _padded_band(x: np.ndarray, top: int, bottom: int, into: np.ndarray) -> np.ndarray:
@@ -205,11 +223,16 @@ def upsample_conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any)
 _WINOGRAD_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
 
 
+#: ``G g G^T`` as one matrix over the 9 taps: (16, 9), entry [(x, y), (i, j)] = G[x, i] * G[y, j].
+_WINOGRAD_K = np.einsum("xi,yj->xyij", _WINOGRAD_G, _WINOGRAD_G).reshape(16, 9).astype(np.float32)
+
+
 def _winograd_weights(w: np.ndarray) -> np.ndarray:
-    """(Cout, 3, 3, Cin) -> ``G g G^T`` per tile position: (16, Cin, Cout), computed in float64."""
+    """(Cout, 3, 3, Cin) -> ``G g G^T`` per tile position: (16, Cin, Cout) as a transposed view of one sgemm's
+    (16, Cout, Cin) result (the kernel's 0, +-1/2 and 1/4 factors are exact in float32)."""
     cout, _, _, cin = w.shape
-    u = np.einsum("xi,oijc,yj->xyco", _WINOGRAD_G, w.astype(np.float64), _WINOGRAD_G)
-    return np.ascontiguousarray(u.reshape(16, cin, cout).astype(np.float32))
+    u = _WINOGRAD_K @ _torch_order(w).reshape(cout * cin, 9).T
+    return u.reshape(16, cout, cin).transpose(0, 2, 1)
 
 
 def _input_transform(rows: list[np.ndarray], out: list[np.ndarray]) -> None:
