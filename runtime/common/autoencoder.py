@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imgpack.runtime.backend import attention, mx, nn, silu
+from imgpack.runtime.common import vae_kernels
 from imgpack.schemas.errors import ImgpackError
 
 
@@ -80,6 +81,8 @@ class GroupNorm(nn.Module):
         self.bias = mx.zeros((channels,))
 
     def __call__(self, x: mx.array) -> mx.array:
+        if vae_kernels.fast_conv(x, self.weight):
+            return vae_kernels.group_norm_silu(x, self.weight, self.bias, self.groups, self.eps, silu=False)
         b, h, w, c = x.shape
         g = x.astype(mx.float32).reshape(b, h * w, self.groups, c // self.groups)
         mean = g.mean(axis=(1, 3), keepdims=True)
@@ -92,6 +95,20 @@ def group_norm(channels: int, groups: int) -> GroupNorm:
     return GroupNorm(channels, groups)
 
 
+def norm_silu(norm: GroupNorm, x: mx.array) -> mx.array:
+    """``silu(norm(x))``; one fused pass on CPU (see ``vae_kernels``)."""
+    if vae_kernels.fast_conv(x, norm.weight):
+        return vae_kernels.group_norm_silu(x, norm.weight, norm.bias, norm.groups, norm.eps)
+    return silu(norm(x))
+
+
+def pointwise(conv: nn.Conv2d, x: mx.array) -> mx.array:
+    """A 1x1 ``nn.Conv2d``; a plain matmul on CPU."""
+    if vae_kernels.fast_conv(x, conv.weight):
+        return vae_kernels.conv1x1(x, conv.weight, conv.get("bias"))
+    return conv(x)
+
+
 class Conv3x3(nn.Module):
     """3x3 stride-1 'same' convolution; large inputs are convolved band by band (evaluated as they go)."""
 
@@ -102,6 +119,8 @@ class Conv3x3(nn.Module):
         self.bias = mx.zeros((out_ch,))
 
     def __call__(self, x: mx.array) -> mx.array:
+        if vae_kernels.fast_conv(x, self.weight):
+            return vae_kernels.conv3x3_auto(x, self.weight, self.bias, self)
         b, h, w, c = x.shape
         rows = max(1, BAND_ELEMENTS // (b * w * c))
         if rows >= h:
@@ -130,9 +149,9 @@ class ResnetBlock(nn.Module):
         self.has_shortcut = in_ch != out_ch
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(silu(self.norm1(x)))
-        h = self.conv2(silu(self.norm2(h)))
-        return (self.conv_shortcut(x) if self.has_shortcut else x) + h
+        h = self.conv1(norm_silu(self.norm1, x))
+        h = self.conv2(norm_silu(self.norm2, h))
+        return (pointwise(self.conv_shortcut, x) if self.has_shortcut else x) + h
 
 
 class AttentionBlock(nn.Module):
@@ -160,6 +179,8 @@ class Upsample(nn.Module):
         self.conv = Conv3x3(channels, channels)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if vae_kernels.fast_conv(x, self.conv.weight):
+            return vae_kernels.upsample_conv3x3(x, self.conv.weight, self.conv.bias, self.conv)
         b, h, w, c = x.shape
         x = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, h * 2, w * 2, c)
         return self.conv(x)
@@ -213,7 +234,7 @@ class Decoder(nn.Module):
         for block in self.up_blocks:
             x = block(x)
             mx.eval(x)  # keep the graph, and so the live activations, to one block
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        return self.conv_out(norm_silu(self.conv_norm_out, x))
 
 
 class VAEDecoder(nn.Module):
@@ -231,7 +252,7 @@ class VAEDecoder(nn.Module):
         dtype = self.decoder.conv_in.weight.dtype
         z = (latents / cfg.scaling_factor + cfg.shift_factor).transpose(0, 2, 3, 1).astype(dtype)
         if cfg.use_post_quant_conv:
-            z = self.post_quant_conv(z)
+            z = pointwise(self.post_quant_conv, z)
         return self.decoder(z)
 
     def param_name(self, key: str) -> str | None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from imgpack.architectures.flux2 import VAE_DEFAULTS, with_defaults
 from imgpack.runtime.backend import mx, nn
-from imgpack.runtime.common.autoencoder import Decoder, VAEConfig
+from imgpack.runtime.common.autoencoder import Decoder, VAEConfig, pointwise
 from imgpack.schemas.errors import ImgpackError
 
 #: The pipeline's latent packing: 2x2 latent pixels per transformer token (fixed in diffusers' pipeline code).
@@ -97,7 +97,7 @@ class Flux2VAEDecoder(nn.Module):
         """``vae.decode``: (batch, latent_channels, H/8, W/8) NCHW -> (batch, H, W, 3)."""
         z = latents.transpose(0, 2, 3, 1).astype(self.decoder.conv_in.weight.dtype)
         if self.config.decoder.use_post_quant_conv:
-            z = self.post_quant_conv(z)
+            z = pointwise(self.post_quant_conv, z)
         return self.decoder(z)
 
     def __call__(self, packed: mx.array) -> mx.array:

@@ -1,0 +1,346 @@
+"""CPU kernels for the VAE decoder: 3x3 convolutions as large sgemms, the nearest-x2 upsample folded into the
+following convolution, and GroupNorm + SiLU in one pass.
+
+MLX's CPU convolutions do not reach a fast sgemm, and a decode is almost all 3x3 convolutions (about 2.5 TFLOP
+for a FLUX-shaped VAE at 512x512). These kernels run the arithmetic in numpy's bundled OpenBLAS (built for every
+x86 microarchitecture, threads included) over the MLX buffers, the way ``backend.attention`` does:
+
+* a 3x3 'same' convolution is one ``[pixels, 9*Cin] x [9*Cin, Cout]`` matmul over an im2col band. The band is
+  cut from a zero-padded copy of the input rows whose width is padded too, so every tap is a constant offset into
+  the flattened band: the im2col is a single strided copy, and the two padding columns of each output row are
+  computed and dropped. From ``WINOGRAD_MIN_CIN`` input channels the convolution runs as Winograd F(2x2, 3x3)
+  instead: 16 matmuls ``[tiles, Cin] x [Cin, Cout]`` do 2.25x fewer multiply-adds, and the tile transforms are
+  adds and subtracts over strided views (error ~5e-7 relative in float32, like the direct sum's).
+* ``conv(upsample_nearest_x2(x))`` is computed without the upsampled tensor: each of the four output phases
+  (even/odd row x even/odd column) sees only 2x2 distinct input pixels, so it is a 2x2 convolution of ``x``
+  with the 3x3 kernel's taps summed per phase: 16 instead of 36 taps per 2x2 output pixels, exact up to rounding.
+* GroupNorm statistics accumulate in float64 chunk by chunk; scale, shift and SiLU are applied per cache-sized
+  chunk, so the activation is read twice and written once.
+
+Everything works band by band, so the extra memory is bounded (about ``BAND_FLOATS`` floats) at any resolution.
+Set ``IMGPACK_FAST_CONV=0`` to use MLX's own kernels (always the case on Metal/CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from imgpack.runtime.backend import _writable_view, is_cpu, mx
+
+FAST_CONV_ENV = "IMGPACK_FAST_CONV"
+#: Floats in one band's im2col buffer (x4 bytes): 9 x 4 M, the same bound as the MLX path's banding.
+BAND_FLOATS = 9 * 4 * 1024 * 1024
+#: Floats in one band's Winograd buffers (transformed input and products).
+WINOGRAD_BAND_FLOATS = 16 * 1024 * 1024
+#: Input channels from which a 3x3 convolution runs as Winograd rather than im2col (measured: bench/vae_kernels.py).
+WINOGRAD_MIN_CIN = 256
+#: Floats per chunk of the GroupNorm passes: small enough to stay in cache between the chained numpy ops.
+NORM_CHUNK = 256 * 1024
+
+
+def fast_conv(*arrays: mx.array) -> bool:
+    """Whether the numpy kernels apply: on CPU, float32 only, unless ``IMGPACK_FAST_CONV=0``."""
+    return (
+        is_cpu()
+        and os.environ.get(FAST_CONV_ENV, "1") != "0"
+        and all(a.dtype == mx.float32 for a in arrays)
+    )
+
+
+def _output(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
+    """A fresh MLX float32 buffer and a writable numpy view of it (results are written straight into MLX)."""
+    out = mx.zeros(shape, dtype=mx.float32)
+    mx.eval(out)
+    view = _writable_view(out)
+    if view is None:  # pragma: no cover - MLX always materialises zeros on CPU
+        raise RuntimeError("could not map an MLX buffer into numpy")
+    return out, view
+
+
+def _read(x: mx.array) -> np.ndarray:
+    mx.eval(x)
+    return np.asarray(x)
+
+
+def _cached(module: Any, weight: mx.array, build: Any) -> Any:
+    """numpy weight layouts, rebuilt only when the module's weight array is replaced (a load, an update)."""
+    caches = module.__dict__.setdefault("_vae_kernel_cache", {})
+    cache = caches.get(build.__name__)
+    if cache is None or cache[0] is not weight:
+        cache = caches[build.__name__] = (weight, build(np.asarray(weight, dtype=np.float32)))
+    return cache[1]
+
+
+def _torch_order(w: np.ndarray) -> np.ndarray:
+    """MLX (Cout, 3, 3, Cin) -> (Cout, Cin, 3, 3); free when, as loaded, it is a transposed view of that."""
+    return np.ascontiguousarray(w.transpose(0, 3, 1, 2))
+
+
+def _direct_weights(w: np.ndarray) -> np.ndarray:
+    """MLX (Cout, 3, 3, Cin) -> (9*Cin, Cout), taps in (dy, dx) order, channels fastest: the im2col layout
+    (a transposed view of a (Cout, 9*Cin) array: sgemm reads it transposed, no copy)."""
+    cout, _, _, cin = w.shape
+    return np.ascontiguousarray(w).reshape(cout, 9 * cin).T
+
+
+#: For output phase p (0 even, 1 odd) of a nearest-x2 upsample, which of the 3 taps fall on input offset 0 / 1.
+_PHASE_TAPS = {0: ((0,), (1, 2)), 1: ((0, 1), (2,))}
+
+
+def _phase_matrix() -> np.ndarray:
+    """(9, 16): which 3x3 taps (i, j) sum into tap (a, b) of phase (py, px), columns in (py, px, a, b) order."""
+    m = np.zeros((3, 3, 2, 2, 2, 2), np.float32)
+    for py in (0, 1):
+        for px in (0, 1):
+            for a, rows in enumerate(_PHASE_TAPS[py]):
+                for b, cols in enumerate(_PHASE_TAPS[px]):
+                    for i in rows:
+                        for j in cols:
+                            m[i, j, py, px, a, b] = 1.0
+    return m.reshape(9, 16)
+
+
+_PHASE_MATRIX = _phase_matrix()
+
+
+def _phase_weights(w: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
+    """(Cout, 3, 3, Cin) -> per phase (py, px) the (4*Cin, Cout) weights of its 2x2 convolution, rows in
+    (a, b, Cin) order (transposed views: sgemm reads them as they lie)."""
+    cout, _, _, cin = w.shape
+    summed = (_torch_order(w).reshape(cout * cin, 9) @ _PHASE_MATRIX).reshape(cout, cin, 16)
+    by_tap = np.ascontiguousarray(summed.transpose(0, 2, 1))  # (Cout, 16 = phase x tap, Cin)
+    return {(py, px): by_tap[:, 8 * py + 4 * px : 8 * py + 4 * px + 4].reshape(cout, 4 * cin).T
+            for py in (0, 1) for px in (0, 1)}
+
+
+def _padded_band(x: np.ndarray, top: int, bottom: int, into: np.ndarray) -> np.ndarray:
+    """Rows ``top-1 .. bottom`` of ``x`` (h, w, c) zero-padded by one pixel all round, plus one spare zero row
+    (the dropped padding columns of the last output row read into it), flattened to (pixels, c)."""
+    h, w, c = x.shape
+    rows = bottom - top
+    band = into[: (rows + 3) * (w + 2) * c].reshape(rows + 3, w + 2, c)
+    src_top, src_bottom = max(top - 1, 0), min(bottom + 1, h)
+    dst_top = src_top - (top - 1)
+    band[:, 0] = 0.0
+    band[:, w + 1] = 0.0
+    band[:dst_top] = 0.0
+    band[dst_top + src_bottom - src_top :] = 0.0
+    band[dst_top : dst_top + src_bottom - src_top, 1 : w + 1] = x[src_top:src_bottom]
+    return band.reshape(-1, c)
+
+
+def _pad_rows(x: np.ndarray, first: int, count: int, width: int, into: np.ndarray) -> np.ndarray:
+    """Rows ``first .. first+count-1`` and columns ``-1 .. width-2`` of ``x`` (h, w, c), zero outside ``x``:
+    (count, width, c), in ``into``'s memory."""
+    h, w, c = x.shape
+    band = into[: count * width * c].reshape(count, width, c)
+    src_top, src_bottom = max(first, 0), min(first + count, h)
+    dst_top = src_top - first
+    dst_bottom = dst_top + max(src_bottom - src_top, 0)
+    band[:dst_top] = 0.0
+    band[dst_bottom:] = 0.0
+    band[dst_top:dst_bottom, 0] = 0.0
+    band[dst_top:dst_bottom, w + 1 :] = 0.0
+    band[dst_top:dst_bottom, 1 : w + 1] = x[src_top:src_bottom]
+    return band
+
+
+def _taps_view(flat: np.ndarray, offset: int, n: int, width: int, taps: int) -> np.ndarray:
+    """(n, taps, taps*c) view of a flattened padded band: row p holds the ``taps`` x ``taps`` window at pixel
+    ``p + offset`` (padded row width ``width``); each window row is ``taps*c`` contiguous floats."""
+    c = flat.shape[1]
+    item = flat.itemsize
+    return as_strided(flat[offset:], shape=(n, taps, taps * c), strides=(c * item, width * c * item, item))
+
+
+def _band_rows(h: int, w: int, floats_per_pixel: int) -> int:
+    return max(1, min(h, BAND_FLOATS // max(1, (w + 2) * floats_per_pixel)))
+
+
+def conv3x3_auto(x: mx.array, weight: mx.array, bias: mx.array, module: Any) -> mx.array:
+    """The faster formulation for the shape: Winograd from ``WINOGRAD_MIN_CIN`` input channels (where its
+    transforms are cheap next to the matmuls), im2col below (narrow layers, where K = 9*Cin keeps sgemm busy)."""
+    if x.shape[-1] >= WINOGRAD_MIN_CIN:
+        return winograd_conv3x3(x, weight, bias, module)
+    return conv3x3(x, weight, bias, module)
+
+
+def conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any) -> mx.array:
+    """3x3 stride-1 'same' convolution of NHWC ``x`` with MLX-layout ``weight`` (Cout, 3, 3, Cin), im2col."""
+    wmat = _cached(module, weight, _direct_weights)
+    b, h, w, cin = x.shape
+    cout = wmat.shape[1]
+    xs = _read(x)
+    bias_np = np.asarray(bias, dtype=np.float32)
+    out, view = _output((b, h, w, cout))
+    rows = _band_rows(h, w, 9 * cin)
+    wp = w + 2
+    pad_buf = np.empty((rows + 3) * wp * cin, np.float32)
+    col = np.empty((rows * wp, 9 * cin), np.float32)
+    res = np.empty((rows * wp, cout), np.float32)
+    for i in range(b):
+        for top in range(0, h, rows):
+            bottom = min(h, top + rows)
+            n = (bottom - top) * wp
+            flat = _padded_band(xs[i], top, bottom, pad_buf)
+            np.copyto(col[:n].reshape(n, 3, 3 * cin), _taps_view(flat, 0, n, wp, 3))
+            np.matmul(col[:n], wmat, out=res[:n])
+            np.add(res[:n].reshape(-1, wp, cout)[:, :w], bias_np, out=view[i, top:bottom])
+    return out
+
+
+def upsample_conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any) -> mx.array:
+    """``conv3x3(nearest_upsample_x2(x))`` without the upsampled tensor: four 2x2 phase convolutions of ``x``."""
+    phases = _cached(module, weight, _phase_weights)
+    b, h, w, cin = x.shape
+    cout = phases[0, 0].shape[1]
+    xs = _read(x)
+    bias_np = np.asarray(bias, dtype=np.float32)
+    out, view = _output((b, 2 * h, 2 * w, cout))
+    rows = _band_rows(h, w, 4 * cin)
+    wp = w + 2
+    pad_buf = np.empty((rows + 3) * wp * cin, np.float32)
+    col = np.empty((rows * wp, 4 * cin), np.float32)
+    res = np.empty((rows * wp, cout), np.float32)
+    for i in range(b):
+        grid = view[i].reshape(h, 2, w, 2, cout)
+        for top in range(0, h, rows):
+            bottom = min(h, top + rows)
+            n = (bottom - top) * wp
+            flat = _padded_band(xs[i], top, bottom, pad_buf)
+            for (py, px), wmat in phases.items():
+                np.copyto(col[:n].reshape(n, 2, 2 * cin), _taps_view(flat, py * wp + px, n, wp, 2))
+                np.matmul(col[:n], wmat, out=res[:n])
+                np.add(res[:n].reshape(-1, wp, cout)[:, :w], bias_np, out=grid[top:bottom, py, :, px])
+    return out
+
+
+#: Winograd F(2x2, 3x3) (Lavin & Gray): 2x2 outputs from a 4x4 input tile with 16 products instead of 36.
+_WINOGRAD_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+
+
+#: ``G g G^T`` as one matrix over the 9 taps: (16, 9), entry [(x, y), (i, j)] = G[x, i] * G[y, j].
+_WINOGRAD_K = np.einsum("xi,yj->xyij", _WINOGRAD_G, _WINOGRAD_G).reshape(16, 9).astype(np.float32)
+
+
+def _winograd_weights(w: np.ndarray) -> np.ndarray:
+    """(Cout, 3, 3, Cin) -> ``G g G^T`` per tile position: (16, Cin, Cout) as a transposed view of one sgemm's
+    (16, Cout, Cin) result (the kernel's 0, +-1/2 and 1/4 factors are exact in float32)."""
+    cout, _, _, cin = w.shape
+    u = _WINOGRAD_K @ _torch_order(w).reshape(cout * cin, 9).T
+    return u.reshape(16, cout, cin).transpose(0, 2, 1)
+
+
+def _input_transform(rows: list[np.ndarray], out: list[np.ndarray]) -> None:
+    """``B^T d`` along one axis: four strided input phases -> four transformed arrays (written into ``out``)."""
+    d0, d1, d2, d3 = rows
+    np.subtract(d0, d2, out=out[0])
+    np.add(d1, d2, out=out[1])
+    np.subtract(d2, d1, out=out[2])
+    np.subtract(d1, d3, out=out[3])
+
+
+def winograd_conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any) -> mx.array:
+    """3x3 stride-1 'same' convolution as Winograd F(2x2, 3x3): 2.25x fewer multiply-adds than direct, the 16
+    products per tile being 16 matmuls ``[tiles, Cin] x [Cin, Cout]``; the transforms are adds and subtracts."""
+    u = _cached(module, weight, _winograd_weights)
+    b, h, w, cin = x.shape
+    cout = u.shape[2]
+    xs = _read(x)
+    bias_np = np.asarray(bias, dtype=np.float32)
+    out, view = _output((b, h, w, cout))
+    tx = (w + 1) // 2
+    # V (16 x tiles x Cin) and M (16 x tiles x Cout) per band of tile rows.
+    tile_rows = max(1, min((h + 1) // 2, WINOGRAD_BAND_FLOATS // (16 * tx * (cin + cout))))
+    wp = 2 * tx + 2
+    pad_buf = np.empty((2 * tile_rows + 2) * wp * cin, np.float32)
+    rows_t = [np.empty((tile_rows, wp, cin), np.float32) for _ in range(4)]
+    v = np.empty((16, tile_rows * tx, cin), np.float32)
+    m = np.empty((16, tile_rows * tx, cout), np.float32)
+    y = np.empty((tile_rows, 2, tx, 2, cout), np.float32)
+    for i in range(b):
+        for top in range(0, h, 2 * tile_rows):
+            ty = min(tile_rows, (h - top + 1) // 2)
+            n = ty * tx
+            band = _pad_rows(xs[i], top - 1, 2 * ty + 2, wp, pad_buf)
+            r = [t[:ty] for t in rows_t]
+            _input_transform([band[j : j + 2 * ty : 2] for j in range(4)], r)
+            for a in range(4):
+                cols = [r[a][:, j : j + 2 * tx : 2] for j in range(4)]
+                _input_transform(cols, [v[4 * a + k, :n].reshape(ty, tx, cin) for k in range(4)])
+            np.matmul(v[:, :n], u, out=m[:, :n])
+            mm = [m[k, :n] for k in range(16)]
+            for nu in range(4):  # A^T along the tile rows, in place: row 0 <- M0+M1+M2, row 1 <- M1-M2-M3
+                m0, m1, m2, m3 = mm[nu], mm[4 + nu], mm[8 + nu], mm[12 + nu]
+                m0 += m1
+                m0 += m2
+                m1 -= m2
+                m1 -= m3
+            yb = y[:ty].reshape(ty, 2, tx, 2, cout)
+            for a in range(2):
+                s0, s1, s2, s3 = (mm[4 * a + k].reshape(ty, tx, cout) for k in range(4))
+                np.add(s0, s1, out=yb[:, a, :, 0])
+                yb[:, a, :, 0] += s2
+                np.subtract(s1, s2, out=yb[:, a, :, 1])
+                yb[:, a, :, 1] -= s3
+            rows = min(2 * ty, h - top)
+            np.add(yb.reshape(2 * ty, 2 * tx, cout)[:rows, :w], bias_np, out=view[i, top : top + rows])
+    return out
+
+
+def conv1x1(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
+    """A 1x1 convolution (MLX weight (Cout, 1, 1, Cin)) as one matmul over all pixels."""
+    b, h, w, cin = x.shape
+    cout = weight.shape[0]
+    xs = np.ascontiguousarray(_read(x)).reshape(-1, cin)
+    wmat = np.asarray(weight, dtype=np.float32).reshape(cout, cin)
+    out, view = _output((b, h, w, cout))
+    flat = view.reshape(-1, cout)
+    np.matmul(xs, wmat.T, out=flat)
+    if bias is not None:
+        flat += np.asarray(bias, dtype=np.float32)
+    return out
+
+
+def group_norm_silu(
+    x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float, silu: bool = True
+) -> mx.array:
+    """GroupNorm over NHWC (PyTorch's channel grouping), optionally followed by SiLU, in two passes over ``x``:
+    float64 sums and sums of squares per group, then ``x * scale + shift`` (and SiLU) per chunk."""
+    b, h, w, c = x.shape
+    xs = np.ascontiguousarray(_read(x)).reshape(b, h * w, c)
+    gamma = np.asarray(weight, dtype=np.float32)
+    beta = np.asarray(bias, dtype=np.float32)
+    out, view = _output((b, h, w, c))
+    flat_out = view.reshape(b, h * w, c)
+    rows = max(1, NORM_CHUNK // c)
+    count = h * w * (c // groups)
+    tmp = np.empty((rows, c), np.float32)
+    for i in range(b):
+        sums = np.zeros(c, np.float64)
+        squares = np.zeros(c, np.float64)
+        for start in range(0, h * w, rows):
+            chunk = xs[i, start : start + rows].astype(np.float64)
+            sums += chunk.sum(axis=0)
+            squares += np.einsum("ij,ij->j", chunk, chunk)
+        mean = sums.reshape(groups, -1).sum(axis=1) / count
+        var = np.maximum(squares.reshape(groups, -1).sum(axis=1) / count - mean * mean, 0.0)
+        inv = 1.0 / np.sqrt(var + eps)
+        scale = (np.repeat(inv, c // groups) * gamma).astype(np.float32)
+        shift = (beta - np.repeat(mean * inv, c // groups) * gamma).astype(np.float32)
+        for start in range(0, h * w, rows):
+            src = xs[i, start : start + rows]
+            dst = flat_out[i, start : start + rows]
+            np.multiply(src, scale, out=dst)
+            dst += shift
+            if silu:
+                t = tmp[: len(dst)]
+                np.negative(dst, out=t)
+                np.exp(t, out=t)
+                t += 1.0
+                np.divide(dst, t, out=dst)
+    return out

@@ -1,0 +1,143 @@
+"""The VAE's CPU kernels (runtime/common/vae_kernels.py) against MLX's own ops on random inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from imgpack.runtime.backend import mx
+from imgpack.runtime.common import autoencoder, vae_kernels
+from imgpack.runtime.common.autoencoder import Conv3x3, GroupNorm, Upsample, VAEConfig, VAEDecoder
+
+pytestmark = pytest.mark.skipif(not vae_kernels.fast_conv(mx.zeros((1,))), reason="the kernels are CPU-only")
+
+#: (batch, h, w, cin, cout): odd sizes, Cin != Cout both ways, a single pixel row and column, a 3-channel output.
+SHAPES = [(1, 7, 5, 4, 6), (2, 9, 13, 16, 8), (1, 1, 1, 3, 5), (1, 1, 17, 8, 8), (1, 16, 1, 8, 3), (1, 12, 10, 32, 32)]
+
+
+def rel_err(a: mx.array | np.ndarray, b: mx.array | np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def random(shape: tuple[int, ...], seed: int, scale: float = 1.0) -> mx.array:
+    return mx.array(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) * np.float32(scale))
+
+
+def conv_module(cin: int, cout: int, seed: int) -> Conv3x3:
+    conv = Conv3x3(cin, cout)
+    conv.weight = random((cout, 3, 3, cin), seed, (9 * cin) ** -0.5)
+    conv.bias = random((cout,), seed + 1)
+    return conv
+
+
+CONVS = [vae_kernels.conv3x3, vae_kernels.winograd_conv3x3, vae_kernels.conv3x3_auto]
+
+
+@pytest.mark.parametrize("kernel", CONVS, ids=lambda k: k.__name__)
+@pytest.mark.parametrize("shape", [*SHAPES, (1, 6, 7, 256, 16)])
+def test_conv3x3_matches_mlx(shape: tuple[int, ...], kernel: Callable) -> None:
+    b, h, w, cin, cout = shape
+    conv = conv_module(cin, cout, 1)
+    x = random((b, h, w, cin), 2)
+    expected = mx.conv2d(x, conv.weight, padding=1) + conv.bias
+    assert rel_err(kernel(x, conv.weight, conv.bias, conv), expected) < 1e-5
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_upsample_conv_matches_mlx(shape: tuple[int, ...]) -> None:
+    b, h, w, cin, cout = shape
+    conv = conv_module(cin, cout, 3)
+    x = random((b, h, w, cin), 4)
+    up = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, cin)).reshape(b, 2 * h, 2 * w, cin)
+    expected = mx.conv2d(up, conv.weight, padding=1) + conv.bias
+    assert rel_err(vae_kernels.upsample_conv3x3(x, conv.weight, conv.bias, conv), expected) < 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5, 100])
+def test_banded_edges(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
+    """Bands of one row (one tile row for Winograd), a few rows with a ragged last band, and a single band all
+    give MLX's result."""
+    conv = conv_module(8, 12, 5)
+    x = random((1, 23, 19, 8), 6)
+    expected = mx.conv2d(x, conv.weight, padding=1) + conv.bias
+    up = mx.broadcast_to(x[:, :, None, :, None, :], (1, 23, 2, 19, 2, 8)).reshape(1, 46, 38, 8)
+    expected_up = mx.conv2d(up, conv.weight, padding=1) + conv.bias
+    monkeypatch.setattr(vae_kernels, "BAND_FLOATS", rows * (19 + 2) * 9 * 8)  # (w + 2) x 9 Cin floats a row
+    monkeypatch.setattr(vae_kernels, "WINOGRAD_BAND_FLOATS", rows * 16 * 10 * (8 + 12))  # 16 x tiles x (Cin + Cout)
+    assert rel_err(vae_kernels.conv3x3(x, conv.weight, conv.bias, conv), expected) < 1e-5
+    assert rel_err(vae_kernels.winograd_conv3x3(x, conv.weight, conv.bias, conv), expected) < 1e-5
+    assert rel_err(vae_kernels.upsample_conv3x3(x, conv.weight, conv.bias, conv), expected_up) < 1e-5
+
+
+def test_weight_cache_follows_replaced_weights() -> None:
+    """Each weight layout is cached per module and kernel, and rebuilt when the weight array is replaced."""
+    conv = conv_module(4, 4, 7)
+    x = random((1, 5, 5, 4), 8)
+    for kernel in (*CONVS, vae_kernels.upsample_conv3x3):
+        kernel(x, conv.weight, conv.bias, conv)
+    conv.weight = random((4, 3, 3, 4), 9)
+    expected = mx.conv2d(x, conv.weight, padding=1) + conv.bias
+    for kernel in CONVS:
+        assert rel_err(kernel(x, conv.weight, conv.bias, conv), expected) < 1e-5
+
+
+def test_outputs_are_fresh_buffers() -> None:
+    """Results are written into MLX buffers of their own: a second call never aliases the first's."""
+    conv = conv_module(4, 4, 10)
+    a = vae_kernels.conv3x3(random((1, 6, 6, 4), 11), conv.weight, conv.bias, conv)
+    before = np.array(a)
+    vae_kernels.conv3x3(random((1, 6, 6, 4), 12), conv.weight, conv.bias, conv)
+    assert np.array_equal(np.array(a), before)
+
+
+def test_conv1x1_matches_mlx() -> None:
+    x = random((2, 7, 9, 12), 13)
+    weight, bias = random((5, 1, 1, 12), 14), random((5,), 15)
+    assert rel_err(vae_kernels.conv1x1(x, weight, bias), mx.conv2d(x, weight) + bias) < 1e-5
+
+
+@pytest.mark.parametrize(("shape", "groups"), [((1, 9, 7, 32), 8), ((2, 16, 16, 64), 32), ((1, 1, 3, 6), 3)])
+@pytest.mark.parametrize("offset", [0.0, 30.0])
+def test_group_norm_silu_fused_matches_unfused(
+    monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], groups: int, offset: float
+) -> None:
+    """Fused (numpy) against MLX's GroupNorm then SiLU, also with a large mean (the statistics' cancellation)."""
+    norm = GroupNorm(shape[-1], groups)
+    norm.weight, norm.bias = random((shape[-1],), 16) + 1.0, random((shape[-1],), 17)
+    x = random(shape, 18, 3.0) + offset
+    monkeypatch.setenv(vae_kernels.FAST_CONV_ENV, "0")
+    normed = norm(x)
+    expected = normed * mx.sigmoid(normed)
+    monkeypatch.setattr(vae_kernels, "NORM_CHUNK", 37)  # many ragged chunks
+    fused = vae_kernels.group_norm_silu(x, norm.weight, norm.bias, groups, norm.eps)
+    plain = vae_kernels.group_norm_silu(x, norm.weight, norm.bias, groups, norm.eps, silu=False)
+    assert rel_err(fused, expected) < 1e-5
+    assert rel_err(plain, normed) < 1e-5
+
+
+def test_decoder_fast_path_matches_mlx_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole small decoder (upsamples, shortcuts, attention, post_quant_conv) either way."""
+    cfg = VAEConfig.from_dict({"block_out_channels": [16, 32, 32], "latent_channels": 4, "layers_per_block": 1,
+                               "norm_num_groups": 8, "scaling_factor": 0.3, "shift_factor": 0.1})
+    mx.random.seed(0)
+    decoder = VAEDecoder(cfg)
+    latents = random((1, 4, 7, 9), 19)
+    fast = decoder(latents)
+    monkeypatch.setenv(vae_kernels.FAST_CONV_ENV, "0")
+    assert not vae_kernels.fast_conv(latents)
+    slow = decoder(latents)
+    assert fast.shape == slow.shape == (1, 28, 36, 3)
+    assert rel_err(fast, slow) < 1e-5
+
+
+def test_upsample_module_uses_fused_path_only_on_cpu_float32() -> None:
+    up = Upsample(4)
+    x = random((1, 3, 3, 4), 20).astype(mx.bfloat16)
+    up.conv.weight = up.conv.weight.astype(mx.bfloat16)
+    assert not vae_kernels.fast_conv(x, up.conv.weight)
+    assert up(x).shape == (1, 6, 6, 4)
+    norm = GroupNorm(4, 2)
+    assert rel_err(autoencoder.norm_silu(norm, x), autoencoder.silu(norm(x))) == 0.0
