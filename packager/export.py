@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from imgpack.schemas.content import header_layer_problems, tensor_problems
@@ -147,15 +148,28 @@ def _write_synthesised(store: Store, target: Path, layers: list[Layer], prefix: 
             _copy_range(store, layer, out, start, entry.nbytes)
 
 
-def export_model(store: Store, ref: str, directory: str | Path) -> ModelManifest:
-    """Write the model ``ref`` as a diffusers directory at ``directory`` (which must not exist or be empty)."""
-    manifest = store.get_manifest(ref)
-    target = Path(directory)
+@contextlib.contextmanager
+def _staged_directory(target: Path) -> Iterator[Path]:
+    """A temp directory beside ``target`` that becomes it when the block succeeds and is removed when it fails, so
+    an export never leaves a half-written directory. ``target`` must not exist or be empty."""
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ImgpackError(f"{target}: already exists and is not an empty directory; refusing to overwrite")
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
     try:
+        yield work
+        if target.exists():
+            target.rmdir()
+        os.replace(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def export_model(store: Store, ref: str, directory: str | Path) -> ModelManifest:
+    """Write the model ``ref`` as a diffusers directory at ``directory`` (which must not exist or be empty)."""
+    manifest = store.get_manifest(ref)
+    with _staged_directory(Path(directory)) as work:
         tensors = {layer.name or "": layer for layer in manifest.tensors}
         used: set[str] = set()
         file_bytes: dict[str, bytes] = {}
@@ -185,12 +199,6 @@ def export_model(store: Store, ref: str, directory: str | Path) -> ModelManifest
                 raise ImgpackError(f"{manifest.source}: cannot place tensors of {folder}/: {weights} already written")
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_synthesised(store, path, layers, folder + "/" if folder else "")
-        if target.exists():
-            target.rmdir()
-        os.replace(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -220,14 +228,10 @@ def export_directory(source: str | Path, directory: str | Path) -> int:
     root, target = Path(source), Path(directory)
     if not (root / "model_index.json").is_file():
         raise ImgpackError(f"{root}: no model_index.json; not a directory of an imgpack model's layer files")
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ImgpackError(f"{target}: already exists and is not an empty directory; refusing to overwrite")
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
     headers = [name for name in files if name.endswith(".safetensors" + spec.HEADER_TITLE_SUFFIX)]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
-    try:
+    with _staged_directory(target) as work:
         used: set[str] = set()
         for name in headers:
             raw = (root / name).read_bytes()
@@ -257,12 +261,6 @@ def export_directory(source: str | Path, directory: str | Path) -> int:
                 continue
             (work / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(root / name, work / name)
-        if target.exists():
-            target.rmdir()
-        os.replace(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return len(headers) + len([n for n in files if n not in used and n not in headers])
 
 
