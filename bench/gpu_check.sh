@@ -29,7 +29,8 @@ echo "== parity on the GPU (float32 tiny models against diffusers' reference dat
 echo "== storage forms on the GPU (medium Z-Image, 1024x1024, 4 steps)"
 "$py" bench/forms.py --forms f32,bf16,int8,int4 --size 1024 --steps 4
 
-if [ -x "${IMGPACK_BENCH_DIFFUSERS_PYTHON:-/work/refenv/bin/python}" ]; then
+# The diffusers comparison needs an interpreter with torch and diffusers: IMGPACK_BENCH_DIFFUSERS_PYTHON=PATH.
+if [ -n "${IMGPACK_BENCH_DIFFUSERS_PYTHON:-}" ] && [ -x "$IMGPACK_BENCH_DIFFUSERS_PYTHON" ]; then
     echo "== imgpack on the GPU against diffusers (torch; on the GPU too if its torch has CUDA)"
     "$py" bench/runtime.py --sizes 512,1024 --steps 4 --rounds 1
     "$py" bench/runtime.py --arch flux2 --sizes 512,1024 --steps 4 --rounds 1

@@ -8,7 +8,7 @@ parameters, a 27-layer Qwen3 text encoder, the real FLUX.2 VAE); bf16 like the r
 temp store, then runs each
 side in its own subprocess so peak RSS is measured cleanly: load time to the first denoising step, seconds per
 step at each size, VAE decode time, peak RSS. Both start from the same seed noise, and the images are compared.
-diffusers runs under a separate interpreter with torch (default /work/refenv/bin/python, or
+diffusers runs under a separate interpreter with torch and diffusers (``--diffusers-python PATH``, or
 $IMGPACK_BENCH_DIFFUSERS_PYTHON), since torch never enters the project venv.
 
 Each size runs in its own pair of processes, so the whole-image row is honest: process start to the PNG written
@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_SOURCE = ROOT / "tests" / "models" / "zimage-tiny" / "tokenizer"
 FLUX2_TOKENIZER_SOURCE = ROOT / "tests" / "models" / "flux2-tiny" / "tokenizer"  # Qwen3's template: thinking off
-DEFAULT_DIFFUSERS_PYTHON = os.environ.get("IMGPACK_BENCH_DIFFUSERS_PYTHON", "/work/refenv/bin/python")
+DEFAULT_DIFFUSERS_PYTHON = os.environ.get("IMGPACK_BENCH_DIFFUSERS_PYTHON", "")
 PROMPT = "a red fox in the snow"
 SEED = 42
 
@@ -487,9 +487,10 @@ def main() -> None:
     if args.worker == "mlx":
         mlx_worker(args.store, sizes, args.steps, args.out, args.arch, args.spawned)
         return
-    if not Path(args.diffusers_python).exists():
-        sys.exit(f"bench: {args.diffusers_python} not found; pass --diffusers-python or set"
-                 " IMGPACK_BENCH_DIFFUSERS_PYTHON to a Python with torch and diffusers")
+    if not args.diffusers_python or not Path(args.diffusers_python).exists():
+        sys.exit(f"bench: no diffusers interpreter{f' at {args.diffusers_python}' if args.diffusers_python else ''};"
+                 " pass --diffusers-python PATH or set IMGPACK_BENCH_DIFFUSERS_PYTHON to a Python with torch and"
+                 " diffusers (pip install torch==2.13.0 diffusers==0.42.1 transformers in its own venv)")
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="imgpack-bench-"))
     try:

@@ -1,7 +1,7 @@
 """Write a diffusers model directory out as an ollama models directory, the way ``ollama create`` did at a date.
 
 Written from ollama's code (``x/create/imagegen.go``, ``x/create/client/{create,quantize}.go``,
-``x/imagegen/safetensors/extractor.go``, ``server/manifest.go``; see /work/notes/ollama-format.md), not from its
+``x/imagegen/safetensors/extractor.go``, ``server/manifest.go``), not from its
 README, so tests can read every layout ollama really wrote without ollama:
 
 * unquantized tensors: Go's writer, one tensor per blob, ``{"<key>":{"dtype","shape","data_offsets"}}`` padded
