@@ -13,6 +13,7 @@ checks a cancel event between steps. Architectures subclass :class:`Pipeline` (s
 
 from __future__ import annotations
 
+import abc
 import gc
 import io
 import os
@@ -153,7 +154,7 @@ def memory_check_enabled(force: bool) -> bool:
     return not force and os.environ.get(MEMORY_CHECK_ENV, "1") != "0"
 
 
-class Pipeline:
+class Pipeline(abc.ABC):
     """A model opened from a source: configs, tokenizer and lazily loaded networks, and one ``generate``.
 
     Subclasses set ``architecture``, declare their components in ``build_components`` and implement
@@ -196,33 +197,35 @@ class Pipeline:
 
     # -- to be provided --------------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def build_components(self) -> dict[str, Component]:
-        raise NotImplementedError(f"{type(self).__name__} declares no components")
+        """The networks, by name, each built from its config (no weights yet)."""
 
+    @abc.abstractmethod
     def activation_bytes(self, width: int, height: int, batch: int) -> int:
-        raise NotImplementedError(f"{type(self).__name__} gives no working-memory estimate")
+        """A bound on working memory for one step and for the decode at this size and batch."""
 
+    @abc.abstractmethod
     def encode_prompts(self, prompts: list[str]) -> Any:
         """The transformer's conditioning for ``[prompt]`` or ``[prompt, negative]`` (guided)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot encode prompts")
 
+    @abc.abstractmethod
     def start_latents(self, request: GenerationRequest, latents: np.ndarray | None
                       ) -> tuple[mx.array, FlowMatchEulerScheduler]:
         """The starting latent in the transformer's layout (from ``latents``, else the seed's noise) and the
         schedule for this request."""
-        raise NotImplementedError(f"{type(self).__name__} cannot start latents")
 
+    @abc.abstractmethod
     def velocity(self, transformer: nn.Module, x: mx.array, context: Any, scheduler: FlowMatchEulerScheduler,
                  step: int, request: GenerationRequest, guided: bool) -> mx.array:
         """The direction of ``step``: the next latent is ``x + scheduler.step_size(step) * velocity`` and the clean
         latent it points at ``x - sigma_next * velocity``; ``guided`` says ``context`` has a negative row too."""
-        raise NotImplementedError(f"{type(self).__name__} cannot predict")
 
+    @abc.abstractmethod
     def vae_input(self, x: mx.array, request: GenerationRequest) -> mx.array:
         """A latent in the transformer's layout as the VAE decoder takes it."""
-        raise NotImplementedError(f"{type(self).__name__} cannot decode")
 
-    def before_generation(self, request: GenerationRequest) -> None:
+    def before_generation(self, request: GenerationRequest) -> None:  # noqa: B027 - optional, empty by default
         """A hook for notes about a resolved request (nothing by default)."""
 
     # -- requests ----------------------------------------------------------------------------------------
