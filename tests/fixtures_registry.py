@@ -270,7 +270,32 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-class TokenServer:
+class LoopbackHTTPServer:
+    """A threaded stdlib HTTP server on a free loopback port, for the test servers below."""
+
+    _httpd: ThreadingHTTPServer
+
+    def _serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._httpd.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.address[1]}"
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+class TokenServer(LoopbackHTTPServer):
     """Issues registry JWTs the way distribution's token auth expects them.
 
     Users in ``users`` get every action they ask for; anonymous callers get ``pull`` only when
@@ -306,18 +331,7 @@ class TokenServer:
         )
         self._cert_der = cert.public_bytes(serialization.Encoding.DER)
         self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._serve(self._handler())
 
     def sign(self, user: str | None, access: list[dict]) -> str:
         from cryptography.hazmat.primitives import hashes
@@ -446,7 +460,7 @@ HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer",
 
 
 @dataclass
-class FaultProxy:
+class FaultProxy(LoopbackHTTPServer):
     """HTTP proxy in front of a registry that injects faults and logs requests."""
 
     upstream: RegistryServer
@@ -464,14 +478,11 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._budget_used: list[float] = []
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
+        self._serve(self._handler())
 
     @property
     def port(self) -> int:
-        return self._httpd.server_address[1]
+        return self.address[1]
 
     @property
     def host(self) -> str:
@@ -482,10 +493,6 @@ class FaultProxy:
         with self._lock:
             self.faults.append(fault)
         return fault
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
 
     def blob_bytes_sent(self) -> int:
         """Bytes the client uploaded as blob content (PUT/PATCH bodies of upload sessions)."""
@@ -649,25 +656,14 @@ class ProxiedRequest:
     headers: dict[str, str]
 
 
-class ForwardProxy:
+class ForwardProxy(LoopbackHTTPServer):
     """A real forward proxy: absolute-URI requests are forwarded over plain HTTP, ``CONNECT host:port`` opens a
     TCP tunnel (the TLS inside stays end-to-end). ``log`` records what each client asked for, headers included."""
 
     def __init__(self) -> None:
         self.log: list[ProxiedRequest] = []
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._serve(self._handler())
 
     def connects(self) -> list[str]:
         with self._lock:
