@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imgpack.runtime.cpu_pool import Scratch, run_all, split_work, worker_count
 from imgpack.schemas.errors import ImgpackError
 
 #: Set to 0 to keep MLX's bundled BLAS (for comparisons); anything else, or unset, loads OpenBLAS on Linux.
@@ -307,8 +308,8 @@ def measure_matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
 # matmuls stay in MLX/BLAS. Set IMGPACK_NUMPY_KERNELS=0 to use plain MLX ops everywhere.
 
 NUMPY_KERNELS_ENV = "IMGPACK_NUMPY_KERNELS"
-#: Attention scores are materialised at most this many floats at a time (query rows are chunked to fit).
-ATTENTION_CHUNK = 64 * 1024 * 1024
+#: Attention scores of one job (query rows x keys) stay about this many floats: a block that stays in L2 cache.
+ATTENTION_BLOCK_FLOATS = 256 * 1024
 
 
 def numpy_kernels() -> bool:
@@ -338,49 +339,102 @@ def silu(x: mx.array) -> mx.array:
         return nn.silu(x)
     import numpy as np
 
-    denom = np.negative(view)
-    np.exp(denom, out=denom)
-    denom += 1.0
-    np.divide(view, denom, out=view)
+    def rows(span: tuple[int, int]) -> None:
+        part = flat[span[0] : span[1]]
+        denom = np.negative(part)
+        np.exp(denom, out=denom)
+        denom += 1.0
+        np.divide(part, denom, out=part)
+
+    flat = view.reshape(-1)
+    run_all(rows, split_work(flat.size, 64 * 1024))
     return x
+
+
+def attention_bytes(batch: int, heads: int, n_q: int, n_k: int) -> int:
+    """Working memory of one ``attention`` call beyond its inputs and output: the score blocks in flight (numpy
+    kernel), or all batch x heads x n_q x n_k scores (MLX's CPU fallback; the GPU kernel needs less)."""
+    if numpy_kernels():
+        return worker_count() * 2 * ATTENTION_BLOCK_FLOATS * 4
+    return batch * heads * n_q * n_k * 4
+
+
+def _unit_stride(view):  # noqa: ANN001, ANN202 - numpy array
+    """``view`` itself when its last axis is unit-stride and nothing is broadcast (what sgemm reads without a
+    copy), else a contiguous float32 copy."""
+    import numpy as np
+
+    if view.dtype != np.float32 or view.strides[-1] != view.itemsize or 0 in view.strides[:-1]:
+        return np.ascontiguousarray(view, dtype=np.float32)
+    return view
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
     """softmax(q k^T * scale) v over (batch, heads, tokens, head_dim), ``mask`` True where keys may be seen.
 
-    On CPU the scores are built chunk by chunk of query rows (bounded memory at any resolution) and the softmax
-    runs in numpy; elsewhere this is MLX's fused kernel.
+    On CPU this is ``attention_arrays`` over views of the evaluated inputs (the usual transposed views of
+    (batch, tokens, heads, head_dim) cost no copy); elsewhere MLX's fused kernel.
     """
     if not numpy_kernels() or q.dtype != mx.float32 or k.shape[1] != q.shape[1]:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     import numpy as np
 
-    b, h, n_q, _ = q.shape
-    n_k = k.shape[2]
-    rows = max(1, min(n_q, ATTENTION_CHUNK // max(1, b * h * n_k)))
-    q = q * scale
     mx.eval(q, k, v)
-    keys_t = k.swapaxes(-1, -2)
-    outs = []
-    for start in range(0, n_q, rows):
-        scores = q[:, :, start : start + rows] @ keys_t
-        if mask is not None:
-            scores = mx.where(mask, scores, mx.array(-np.inf, dtype=scores.dtype))
-        mx.eval(scores)
-        view = _writable_view(scores)
-        if view is None:
-            probs = mx.softmax(scores, axis=-1)
+    if mask is not None:
+        mx.eval(mask)
+    return attention_arrays(np.asarray(q), np.asarray(k), np.asarray(v), scale,
+                            None if mask is None else np.asarray(mask))
+
+
+def attention_arrays(q, k, v, scale: float, mask=None) -> mx.array:  # noqa: ANN001 - numpy arrays
+    """The CPU attention kernel over numpy (batch, heads, tokens, head_dim) arrays of any strides: one job per
+    head and block of query rows, spread over the cores, each an sgemm into an L2-sized score block, the softmax
+    there, and an sgemm straight into the output. ``mask`` is boolean (True: may be seen) or additive, broadcastable
+    to (batch, heads, queries, keys). The result is an MLX (batch, heads, tokens, head_dim) transposed view of a
+    (batch, tokens, heads, head_dim) buffer, so merging the heads back is free."""
+    import numpy as np
+
+    b, h, n_q, _ = q.shape
+    n_k, d_v = k.shape[2], v.shape[3]
+    qs, ks, vs = (_unit_stride(a) for a in (q, k, v))
+    out = mx.zeros((b, n_q, h, d_v), dtype=mx.float32)
+    mx.eval(out)
+    ov = _writable_view(out)
+    if ov is None:  # pragma: no cover - MLX always materialises zeros on CPU
+        raise RuntimeError("could not map an MLX buffer into numpy")
+    bias = None
+    if mask is not None:
+        if mask.dtype == np.bool_:
+            bias = np.where(mask, np.float32(0.0), np.float32(-np.inf))
         else:
-            view -= view.max(axis=-1, keepdims=True)
-            np.exp(view, out=view)
-            view /= view.sum(axis=-1, keepdims=True)
-            probs = scores
-        out = probs @ v
-        mx.eval(out)
-        outs.append(out)
-    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+            bias = mask.astype(np.float32, copy=False)
+        bias = np.broadcast_to(bias, (b, h, n_q, n_k))
+    rows = min(n_q, max(8, ATTENTION_BLOCK_FLOATS // max(1, n_k) // 8 * 8))
+    scale32 = np.float32(scale)
+    scratch = Scratch()
+
+    def block(job: tuple[int, int, int, int]) -> None:
+        bi, hi, r0, r1 = job
+        buf = scratch.get((r1 - r0, n_k + qs.shape[-1]))
+        queries, scores = buf[:, n_k:], buf[:, :n_k]
+        if scale != 1.0:
+            queries = np.multiply(qs[bi, hi, r0:r1], scale32, out=queries)
+        else:
+            queries = qs[bi, hi, r0:r1]
+        np.matmul(queries, ks[bi, hi].T, out=scores)
+        if bias is not None:
+            scores += bias[bi, hi, r0:r1]
+        scores -= scores.max(axis=1, keepdims=True)
+        np.exp(scores, out=scores)
+        total = scores.sum(axis=1, keepdims=True)
+        dest = ov[bi, r0:r1, hi]
+        np.matmul(scores, vs[bi, hi], out=dest)
+        dest /= total
+
+    jobs = [(bi, hi, r0, min(n_q, r0 + rows)) for bi in range(b) for hi in range(h) for r0 in range(0, n_q, rows)]
+    run_all(block, jobs, uses_blas=True)
+    return out.transpose(0, 2, 1, 3)
 
 
-__all__ = [
-    "silu",
-    "attention","BLAS", "BlasInfo", "mx", "nn", "compute_dtype", "available_memory", "measure_matmul_gflops"]
+__all__ = ["BLAS", "BlasInfo", "attention", "attention_arrays", "attention_bytes", "available_memory",
+           "compute_dtype", "measure_matmul_gflops", "mx", "nn", "numpy_kernels", "silu"]

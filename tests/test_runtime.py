@@ -347,17 +347,23 @@ def test_chat_template_rendering() -> None:
 
 
 def test_cpu_kernels_match_mlx_ops(monkeypatch) -> None:
-    """The numpy softmax/SiLU paths (chunked over query rows, with a key mask) equal MLX's own ops."""
-    from imgpack.runtime import backend
+    """The numpy attention (blocks of query rows, a key mask, token-major inputs, one thread or several) and
+    SiLU equal MLX's own ops."""
+    from imgpack.runtime import backend, cpu_pool
 
     key = mx.random.key(7)
-    q, k, v = (mx.random.normal((2, 3, 37, 16), key=mx.random.split(key, 3)[i]) for i in range(3))
+    q, k, v = (mx.random.normal((2, 37, 3, 16), key=mx.random.split(key, 3)[i]) for i in range(3))
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # (batch, heads, tokens, dim) views, as the models pass
     mask = mx.array(np.arange(37)[None, None, None, :] < np.array([37, 29])[:, None, None, None])
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
-    for chunk in (backend.ATTENTION_CHUNK, 2 * 3 * 37 * 5, 1):
-        monkeypatch.setattr(backend, "ATTENTION_CHUNK", chunk)
+    for block, threads in ((backend.ATTENTION_BLOCK_FLOATS, ""), (37 * 8, ""), (1, "1")):
+        monkeypatch.setattr(backend, "ATTENTION_BLOCK_FLOATS", block)
+        monkeypatch.setenv(cpu_pool.THREADS_ENV, threads)
         got = backend.attention(q, k, v, 0.25, mask)
+        assert got.shape == (2, 3, 37, 16)
         np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5)
+        # The heads merge back without a copy: the result is a view of a token-major buffer.
+        assert np.asarray(got.transpose(0, 2, 1, 3)).flags.c_contiguous
     x = mx.random.normal((5, 300), key=key) * 4
     want_silu = np.array(x * mx.sigmoid(x))
     np.testing.assert_allclose(np.array(backend.silu(x * 1.0)), want_silu, atol=1e-5)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from imgpack.runtime import cpu_pool
 from imgpack.runtime.backend import mx
 from imgpack.runtime.common import autoencoder, vae_kernels
 from imgpack.runtime.common.autoencoder import Conv3x3, GroupNorm, Upsample, VAEConfig, VAEDecoder
@@ -56,10 +57,12 @@ def test_upsample_conv_matches_mlx(shape: tuple[int, ...]) -> None:
     assert rel_err(vae_kernels.upsample_conv3x3(x, conv.weight, conv.bias, conv), expected) < 1e-5
 
 
+@pytest.mark.parametrize("threads", ["", "1"])
 @pytest.mark.parametrize("rows", [1, 3, 5, 100])
-def test_banded_edges(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
+def test_banded_edges(monkeypatch: pytest.MonkeyPatch, rows: int, threads: str) -> None:
     """Bands of one row (one tile row for Winograd), a few rows with a ragged last band, and a single band all
-    give MLX's result."""
+    give MLX's result, whether the bands run on the worker threads or all in the caller."""
+    monkeypatch.setenv(cpu_pool.THREADS_ENV, threads)
     conv = conv_module(8, 12, 5)
     x = random((1, 23, 19, 8), 6)
     expected = mx.conv2d(x, conv.weight, padding=1) + conv.bias
@@ -70,6 +73,28 @@ def test_banded_edges(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
     assert rel_err(vae_kernels.conv3x3(x, conv.weight, conv.bias, conv), expected) < 1e-5
     assert rel_err(vae_kernels.winograd_conv3x3(x, conv.weight, conv.bias, conv), expected) < 1e-5
     assert rel_err(vae_kernels.upsample_conv3x3(x, conv.weight, conv.bias, conv), expected_up) < 1e-5
+
+
+@pytest.mark.parametrize("kernel", CONVS, ids=lambda k: k.__name__)
+def test_residual_is_added_to_the_output(kernel: Callable) -> None:
+    """The ResNet skip folded into the convolution's last pass: exactly conv + bias, then + residual."""
+    conv = conv_module(8, 6, 21)
+    x, skip = random((2, 7, 5, 8), 22), random((2, 7, 5, 6), 23)
+    plain = kernel(x, conv.weight, conv.bias, conv)
+    assert np.array_equal(np.array(kernel(x, conv.weight, conv.bias, conv, skip)), np.array(plain + skip))
+    with pytest.raises(ValueError, match=r"residual shape \(2, 7, 5, 8\) != output shape \(2, 7, 5, 6\)"):
+        kernel(x, conv.weight, conv.bias, conv, x)
+
+
+def test_numpy_blas_threads_restored_after_a_parallel_run() -> None:
+    """Bands run with single-threaded BLAS in the workers; the caller's BLAS threads come back afterwards."""
+    calls = cpu_pool._blas_calls()
+    if calls is None or cpu_pool.worker_count() < 2:
+        pytest.skip("numpy's BLAS thread count cannot be set here, or one CPU")
+    before = calls[0]()
+    conv = conv_module(8, 8, 24)
+    vae_kernels.conv3x3(random((1, 40, 9, 8), 25), conv.weight, conv.bias, conv)
+    assert calls[0]() == before
 
 
 def test_weight_cache_follows_replaced_weights() -> None:

@@ -118,9 +118,14 @@ class Conv3x3(nn.Module):
         self.weight = mx.random.uniform(-scale, scale, (out_ch, 3, 3, in_ch))
         self.bias = mx.zeros((out_ch,))
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        """The convolution of ``x``, plus ``residual`` (the output's shape) when given."""
         if vae_kernels.fast_conv(x, self.weight):
-            return vae_kernels.conv3x3_auto(x, self.weight, self.bias, self)
+            return vae_kernels.conv3x3_auto(x, self.weight, self.bias, self, residual)
+        out = self._banded(x)
+        return out if residual is None else residual + out
+
+    def _banded(self, x: mx.array) -> mx.array:
         b, h, w, c = x.shape
         rows = max(1, BAND_ELEMENTS // (b * w * c))
         if rows >= h:
@@ -149,9 +154,9 @@ class ResnetBlock(nn.Module):
         self.has_shortcut = in_ch != out_ch
 
     def __call__(self, x: mx.array) -> mx.array:
+        skip = pointwise(self.conv_shortcut, x) if self.has_shortcut else x
         h = self.conv1(norm_silu(self.norm1, x))
-        h = self.conv2(norm_silu(self.norm2, h))
-        return (pointwise(self.conv_shortcut, x) if self.has_shortcut else x) + h
+        return self.conv2(norm_silu(self.norm2, h), residual=skip)
 
 
 class AttentionBlock(nn.Module):

@@ -30,6 +30,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from imgpack.runtime.backend import _writable_view, is_cpu, mx
+from imgpack.runtime.cpu_pool import Scratch, blas_in_workers, run_all, split_work, worker_count
 
 FAST_CONV_ENV = "IMGPACK_FAST_CONV"
 #: Floats in one band's im2col buffer (x4 bytes): 9 x 4 M, the same bound as the MLX path's banding.
@@ -158,18 +159,43 @@ def _taps_view(flat: np.ndarray, offset: int, n: int, width: int, taps: int) -> 
 
 
 def _band_rows(h: int, w: int, floats_per_pixel: int) -> int:
-    return max(1, min(h, BAND_FLOATS // max(1, (w + 2) * floats_per_pixel)))
+    """Rows per band: the band buffer bound shared by the workers in flight, and at least a band per worker."""
+    workers = _workers()
+    rows = max(1, min(h, BAND_FLOATS // workers // max(1, (w + 2) * floats_per_pixel)))
+    return min(rows, -(-h // workers))
 
 
-def conv3x3_auto(x: mx.array, weight: mx.array, bias: mx.array, module: Any) -> mx.array:
+def _workers() -> int:
+    """How many bands run at once: one per worker when BLAS can run single-threaded in the workers."""
+    return worker_count() if blas_in_workers() else 1
+
+
+def _finish(res: np.ndarray, bias: np.ndarray, dest: np.ndarray, residual: np.ndarray | None) -> None:
+    """``dest = res + bias (+ residual)``: the convolution's last pass, with the ResNet skip folded in."""
+    np.add(res, bias, out=dest)
+    if residual is not None:
+        dest += residual
+
+
+def conv3x3_auto(x: mx.array, weight: mx.array, bias: mx.array, module: Any,
+                 residual: mx.array | None = None) -> mx.array:
     """The faster formulation for the shape: Winograd from ``WINOGRAD_MIN_CIN`` input channels (where its
-    transforms are cheap next to the matmuls), im2col below (narrow layers, where K = 9*Cin keeps sgemm busy)."""
+    transforms are cheap next to the matmuls), im2col below (narrow layers, where K = 9*Cin keeps sgemm busy).
+    ``residual`` (the output's shape) is added to the result."""
     if x.shape[-1] >= WINOGRAD_MIN_CIN:
-        return winograd_conv3x3(x, weight, bias, module)
-    return conv3x3(x, weight, bias, module)
+        return winograd_conv3x3(x, weight, bias, module, residual)
+    return conv3x3(x, weight, bias, module, residual)
 
 
-def conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any) -> mx.array:
+def _residual(residual: mx.array | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    if residual is None:
+        return None
+    if tuple(residual.shape) != shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} != output shape {shape}")
+    return _read(residual)
+
+
+def conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any, residual: mx.array | None = None) -> mx.array:
     """3x3 stride-1 'same' convolution of NHWC ``x`` with MLX-layout ``weight`` (Cout, 3, 3, Cin), im2col."""
     wmat = _cached(module, weight, _direct_weights)
     b, h, w, cin = x.shape
@@ -177,19 +203,24 @@ def conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any) -> mx.ar
     xs = _read(x)
     bias_np = np.asarray(bias, dtype=np.float32)
     out, view = _output((b, h, w, cout))
+    skip = _residual(residual, (b, h, w, cout))
     rows = _band_rows(h, w, 9 * cin)
     wp = w + 2
-    pad_buf = np.empty((rows + 3) * wp * cin, np.float32)
-    col = np.empty((rows * wp, 9 * cin), np.float32)
-    res = np.empty((rows * wp, cout), np.float32)
-    for i in range(b):
-        for top in range(0, h, rows):
-            bottom = min(h, top + rows)
-            n = (bottom - top) * wp
-            flat = _padded_band(xs[i], top, bottom, pad_buf)
-            np.copyto(col[:n].reshape(n, 3, 3 * cin), _taps_view(flat, 0, n, wp, 3))
-            np.matmul(col[:n], wmat, out=res[:n])
-            np.add(res[:n].reshape(-1, wp, cout)[:, :w], bias_np, out=view[i, top:bottom])
+    scratch = Scratch()
+
+    def band(job: tuple[int, int]) -> None:
+        i, top = job
+        bottom = min(h, top + rows)
+        n = (bottom - top) * wp
+        flat = _padded_band(xs[i], top, bottom, scratch.get(((rows + 3) * wp * cin,), 0))
+        col = scratch.get((n, 9 * cin), 1)
+        res = scratch.get((n, cout), 2)
+        np.copyto(col.reshape(n, 3, 3 * cin), _taps_view(flat, 0, n, wp, 3))
+        np.matmul(col, wmat, out=res)
+        _finish(res.reshape(-1, wp, cout)[:, :w], bias_np, view[i, top:bottom],
+                None if skip is None else skip[i, top:bottom])
+
+    run_all(band, [(i, top) for i in range(b) for top in range(0, h, rows)], uses_blas=True)
     return out
 
 
@@ -203,19 +234,22 @@ def upsample_conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any)
     out, view = _output((b, 2 * h, 2 * w, cout))
     rows = _band_rows(h, w, 4 * cin)
     wp = w + 2
-    pad_buf = np.empty((rows + 3) * wp * cin, np.float32)
-    col = np.empty((rows * wp, 4 * cin), np.float32)
-    res = np.empty((rows * wp, cout), np.float32)
-    for i in range(b):
+    scratch = Scratch()
+
+    def band(job: tuple[int, int]) -> None:
+        i, top = job
         grid = view[i].reshape(h, 2, w, 2, cout)
-        for top in range(0, h, rows):
-            bottom = min(h, top + rows)
-            n = (bottom - top) * wp
-            flat = _padded_band(xs[i], top, bottom, pad_buf)
-            for (py, px), wmat in phases.items():
-                np.copyto(col[:n].reshape(n, 2, 2 * cin), _taps_view(flat, py * wp + px, n, wp, 2))
-                np.matmul(col[:n], wmat, out=res[:n])
-                np.add(res[:n].reshape(-1, wp, cout)[:, :w], bias_np, out=grid[top:bottom, py, :, px])
+        bottom = min(h, top + rows)
+        n = (bottom - top) * wp
+        flat = _padded_band(xs[i], top, bottom, scratch.get(((rows + 3) * wp * cin,), 0))
+        col = scratch.get((n, 4 * cin), 1)
+        res = scratch.get((n, cout), 2)
+        for (py, px), wmat in phases.items():
+            np.copyto(col.reshape(n, 2, 2 * cin), _taps_view(flat, py * wp + px, n, wp, 2))
+            np.matmul(col, wmat, out=res)
+            np.add(res.reshape(-1, wp, cout)[:, :w], bias_np, out=grid[top:bottom, py, :, px])
+
+    run_all(band, [(i, top) for i in range(b) for top in range(0, h, rows)], uses_blas=True)
     return out
 
 
@@ -244,7 +278,8 @@ def _input_transform(rows: list[np.ndarray], out: list[np.ndarray]) -> None:
     np.subtract(d1, d3, out=out[3])
 
 
-def winograd_conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any) -> mx.array:
+def winograd_conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any,
+                     residual: mx.array | None = None) -> mx.array:
     """3x3 stride-1 'same' convolution as Winograd F(2x2, 3x3): 2.25x fewer multiply-adds than direct, the 16
     products per tile being 16 matmuls ``[tiles, Cin] x [Cin, Cout]``; the transforms are adds and subtracts."""
     u = _cached(module, weight, _winograd_weights)
@@ -253,42 +288,48 @@ def winograd_conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any)
     xs = _read(x)
     bias_np = np.asarray(bias, dtype=np.float32)
     out, view = _output((b, h, w, cout))
+    skip = _residual(residual, (b, h, w, cout))
     tx = (w + 1) // 2
-    # V (16 x tiles x Cin) and M (16 x tiles x Cout) per band of tile rows.
-    tile_rows = max(1, min((h + 1) // 2, WINOGRAD_BAND_FLOATS // (16 * tx * (cin + cout))))
+    # V (16 x tiles x Cin) and M (16 x tiles x Cout) per band of tile rows, a band per worker in flight.
+    workers = _workers()
+    all_rows = (h + 1) // 2
+    tile_rows = max(1, min(all_rows, WINOGRAD_BAND_FLOATS // workers // (16 * tx * (cin + cout))))
+    tile_rows = min(tile_rows, -(-all_rows // workers))
     wp = 2 * tx + 2
-    pad_buf = np.empty((2 * tile_rows + 2) * wp * cin, np.float32)
-    rows_t = [np.empty((tile_rows, wp, cin), np.float32) for _ in range(4)]
-    v = np.empty((16, tile_rows * tx, cin), np.float32)
-    m = np.empty((16, tile_rows * tx, cout), np.float32)
-    y = np.empty((tile_rows, 2, tx, 2, cout), np.float32)
-    for i in range(b):
-        for top in range(0, h, 2 * tile_rows):
-            ty = min(tile_rows, (h - top + 1) // 2)
-            n = ty * tx
-            band = _pad_rows(xs[i], top - 1, 2 * ty + 2, wp, pad_buf)
-            r = [t[:ty] for t in rows_t]
-            _input_transform([band[j : j + 2 * ty : 2] for j in range(4)], r)
-            for a in range(4):
-                cols = [r[a][:, j : j + 2 * tx : 2] for j in range(4)]
-                _input_transform(cols, [v[4 * a + k, :n].reshape(ty, tx, cin) for k in range(4)])
-            np.matmul(v[:, :n], u, out=m[:, :n])
-            mm = [m[k, :n] for k in range(16)]
-            for nu in range(4):  # A^T along the tile rows, in place: row 0 <- M0+M1+M2, row 1 <- M1-M2-M3
-                m0, m1, m2, m3 = mm[nu], mm[4 + nu], mm[8 + nu], mm[12 + nu]
-                m0 += m1
-                m0 += m2
-                m1 -= m2
-                m1 -= m3
-            yb = y[:ty].reshape(ty, 2, tx, 2, cout)
-            for a in range(2):
-                s0, s1, s2, s3 = (mm[4 * a + k].reshape(ty, tx, cout) for k in range(4))
-                np.add(s0, s1, out=yb[:, a, :, 0])
-                yb[:, a, :, 0] += s2
-                np.subtract(s1, s2, out=yb[:, a, :, 1])
-                yb[:, a, :, 1] -= s3
-            rows = min(2 * ty, h - top)
-            np.add(yb.reshape(2 * ty, 2 * tx, cout)[:rows, :w], bias_np, out=view[i, top : top + rows])
+    scratch = Scratch()
+
+    def band(job: tuple[int, int]) -> None:
+        i, top = job
+        ty = min(tile_rows, (h - top + 1) // 2)
+        n = ty * tx
+        padded = _pad_rows(xs[i], top - 1, 2 * ty + 2, wp, scratch.get(((2 * ty + 2) * wp * cin,), 0))
+        r = list(scratch.get((4, ty, wp, cin), 1))
+        v = scratch.get((16, n, cin), 2)
+        m = scratch.get((16, n, cout), 3)
+        _input_transform([padded[j : j + 2 * ty : 2] for j in range(4)], r)
+        for a in range(4):
+            cols = [r[a][:, j : j + 2 * tx : 2] for j in range(4)]
+            _input_transform(cols, [v[4 * a + k].reshape(ty, tx, cin) for k in range(4)])
+        np.matmul(v, u, out=m)
+        mm = [m[k] for k in range(16)]
+        for nu in range(4):  # A^T along the tile rows, in place: row 0 <- M0+M1+M2, row 1 <- M1-M2-M3
+            m0, m1, m2, m3 = mm[nu], mm[4 + nu], mm[8 + nu], mm[12 + nu]
+            m0 += m1
+            m0 += m2
+            m1 -= m2
+            m1 -= m3
+        yb = scratch.get((ty, 2, tx, 2, cout), 4)
+        for a in range(2):
+            s0, s1, s2, s3 = (mm[4 * a + k].reshape(ty, tx, cout) for k in range(4))
+            np.add(s0, s1, out=yb[:, a, :, 0])
+            yb[:, a, :, 0] += s2
+            np.subtract(s1, s2, out=yb[:, a, :, 1])
+            yb[:, a, :, 1] -= s3
+        rows = min(2 * ty, h - top)
+        _finish(yb.reshape(2 * ty, 2 * tx, cout)[:rows, :w], bias_np, view[i, top : top + rows],
+                None if skip is None else skip[i, top : top + rows])
+
+    run_all(band, [(i, top) for i in range(b) for top in range(0, h, 2 * tile_rows)], uses_blas=True)
     return out
 
 
@@ -310,7 +351,8 @@ def group_norm_silu(
     x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float, silu: bool = True
 ) -> mx.array:
     """GroupNorm over NHWC (PyTorch's channel grouping), optionally followed by SiLU, in two passes over ``x``:
-    float64 sums and sums of squares per group, then ``x * scale + shift`` (and SiLU) per chunk."""
+    float64 sums and sums of squares per channel, then ``x * scale + shift`` (and SiLU) per chunk; both passes
+    are split over the workers by spans of pixels."""
     b, h, w, c = x.shape
     xs = np.ascontiguousarray(_read(x)).reshape(b, h * w, c)
     gamma = np.asarray(weight, dtype=np.float32)
@@ -319,28 +361,42 @@ def group_norm_silu(
     flat_out = view.reshape(b, h * w, c)
     rows = max(1, NORM_CHUNK // c)
     count = h * w * (c // groups)
-    tmp = np.empty((rows, c), np.float32)
+    spans = split_work(h * w, rows)
+    scratch = Scratch()
     for i in range(b):
-        sums = np.zeros(c, np.float64)
-        squares = np.zeros(c, np.float64)
-        for start in range(0, h * w, rows):
-            chunk = xs[i, start : start + rows].astype(np.float64)
-            sums += chunk.sum(axis=0)
-            squares += np.einsum("ij,ij->j", chunk, chunk)
+        partial: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+        def statistics(span: tuple[int, int], i: int = i, partial: dict = partial) -> None:
+            sums = np.zeros(c, np.float64)
+            squares = np.zeros(c, np.float64)
+            for start in range(span[0], span[1], rows):
+                chunk = xs[i, start : min(span[1], start + rows)].astype(np.float64)
+                sums += chunk.sum(axis=0)
+                squares += np.einsum("ij,ij->j", chunk, chunk)
+            partial[span[0]] = (sums, squares)
+
+        run_all(statistics, spans)
+        sums = np.sum([p[0] for p in partial.values()], axis=0)
+        squares = np.sum([p[1] for p in partial.values()], axis=0)
         mean = sums.reshape(groups, -1).sum(axis=1) / count
         var = np.maximum(squares.reshape(groups, -1).sum(axis=1) / count - mean * mean, 0.0)
         inv = 1.0 / np.sqrt(var + eps)
         scale = (np.repeat(inv, c // groups) * gamma).astype(np.float32)
         shift = (beta - np.repeat(mean * inv, c // groups) * gamma).astype(np.float32)
-        for start in range(0, h * w, rows):
-            src = xs[i, start : start + rows]
-            dst = flat_out[i, start : start + rows]
-            np.multiply(src, scale, out=dst)
-            dst += shift
-            if silu:
-                t = tmp[: len(dst)]
-                np.negative(dst, out=t)
-                np.exp(t, out=t)
-                t += 1.0
-                np.divide(dst, t, out=dst)
+
+        def apply(span: tuple[int, int], i: int = i, scale: np.ndarray = scale, shift: np.ndarray = shift) -> None:
+            for start in range(span[0], span[1], rows):
+                stop = min(span[1], start + rows)
+                src = xs[i, start:stop]
+                dst = flat_out[i, start:stop]
+                np.multiply(src, scale, out=dst)
+                dst += shift
+                if silu:
+                    t = scratch.get((stop - start, c))
+                    np.negative(dst, out=t)
+                    np.exp(t, out=t)
+                    t += 1.0
+                    np.divide(dst, t, out=dst)
+
+        run_all(apply, spans)
     return out

@@ -19,7 +19,7 @@ import numpy as np
 from imgpack.architectures import flux2 as arch
 from imgpack.architectures.base import GenerationDefaults
 from imgpack.architectures.flux2 import TEXT_ENCODER_OUT_LAYERS
-from imgpack.runtime.backend import ATTENTION_CHUNK, compute_dtype, mx, nn
+from imgpack.runtime.backend import attention_bytes, compute_dtype, mx, nn
 from imgpack.runtime.common.loader import Component, ModelSource
 from imgpack.runtime.common.pipeline import (
     GenerationCancelled,
@@ -151,8 +151,7 @@ class Flux2Pipeline(Pipeline):
         """A generous bound on working memory for one step and for the decode."""
         cfg = self.transformer_config
         seq = (height // self.pixel_multiple) * (width // self.pixel_multiple) + TEXT_LENGTH
-        # Scores are materialised a chunk of query rows at a time (backend.attention), never all S x S at once.
-        attention = min(batch * cfg.num_attention_heads * seq * seq, ATTENTION_CHUNK) * 4
+        attention = attention_bytes(batch, cfg.num_attention_heads, seq, seq)
         # A single-stream block's live tensors: the fused projection (3D + 2M), q/k/v after RoPE, the MLP halves,
         # the [attention | mlp] concatenation and the residual. Measured: 24 D per token (M = 3D, 2.8k tokens).
         hidden = batch * seq * 28 * cfg.dim * self.itemsize
@@ -161,7 +160,7 @@ class Flux2Pipeline(Pipeline):
         # float32 (measured with the FLUX VAE's widths, which FLUX.2's shares).
         channels = self.vae_config.decoder.block_out_channels
         decode = width * height * channels[min(1, len(channels) - 1)] * 4 * 6
-        return max(step, decode + ATTENTION_CHUNK * 4)
+        return max(step, decode + attention_bytes(1, 1, width * height // 64, width * height // 64))
 
     # -- a generation: what is FLUX.2's in the shared loop --------------------------------------------
 

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from imgpack.architectures.flux2 import TRANSFORMER_DEFAULTS, with_defaults
-from imgpack.runtime.backend import attention, mx, nn, silu
+from imgpack.runtime.backend import mx, nn, silu
+from imgpack.runtime.common.attention import rope_attention
 from imgpack.runtime.common.timestep import timestep_features
 from imgpack.schemas.errors import ImgpackError
 
@@ -104,22 +105,9 @@ def rope_tables(ids: np.ndarray, cfg: Flux2Config) -> tuple[mx.array, mx.array]:
     return cos, sin
 
 
-def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate interleaved pairs (x[2k], x[2k+1]) of (batch, tokens, heads, head_dim), in float32."""
-    b, s, h, d = x.shape
-    pairs = x.astype(mx.float32).reshape(b, s, h, d // 2, 2)
-    real, imag = pairs[..., 0], pairs[..., 1]
-    out = mx.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
-    return out.reshape(b, s, h, d).astype(x.dtype)
-
-
 def joint_attention(q: mx.array, k: mx.array, v: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     """Unmasked attention of (batch, tokens, heads, head_dim) after RoPE -> (batch, tokens, heads*head_dim)."""
-    b, s, _, d = q.shape
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-    out = attention(q, k, v, scale=d**-0.5)
-    return out.transpose(0, 2, 1, 3).reshape(b, s, -1)
+    return rope_attention(q, k, v, cos, sin, q.shape[-1] ** -0.5)
 
 
 # -- modules -----------------------------------------------------------------------------------------------

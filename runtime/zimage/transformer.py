@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from imgpack.architectures.zimage import ADALN_EMBED_DIM, FREQUENCY_EMBEDDING_SIZE, TIMESTEP_MID_SIZE
-from imgpack.runtime.backend import attention, mx, nn, silu
+from imgpack.runtime.backend import mx, nn, silu
+from imgpack.runtime.common.attention import rope_attention
 from imgpack.runtime.common.timestep import timestep_features
 from imgpack.schemas.errors import ImgpackError
 
@@ -102,15 +103,6 @@ def rope_angles(positions: np.ndarray, cfg: ZImageConfig) -> np.ndarray:
     return np.concatenate(parts, axis=-1)
 
 
-def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate interleaved pairs (x[2k], x[2k+1]) of (batch, tokens, heads, head_dim) by per-token angles."""
-    b, s, h, d = x.shape
-    pairs = x.astype(mx.float32).reshape(b, s, h, d // 2, 2)
-    real, imag = pairs[..., 0], pairs[..., 1]
-    out = mx.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
-    return out.reshape(b, s, h, d).astype(x.dtype)
-
-
 class TimestepEmbedder(nn.Module):
     def __init__(self, cfg: ZImageConfig) -> None:
         super().__init__()
@@ -142,12 +134,9 @@ class Attention(nn.Module):
         q = self.to_q(x).reshape(b, s, self.n_heads, self.head_dim)
         k = self.to_k(x).reshape(b, s, self.n_heads, self.head_dim)
         v = self.to_v(x).reshape(b, s, self.n_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.norm_q(q), self.norm_k(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-        out = attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
-        return self.to_out(out.transpose(0, 2, 1, 3).reshape(b, s, -1))
+        norms = (self.norm_q, self.norm_k) if self.qk_norm else (None, None)
+        out = rope_attention(q, k, v, cos, sin, self.head_dim**-0.5, mask, *norms)
+        return self.to_out(out)
 
 
 class FeedForward(nn.Module):

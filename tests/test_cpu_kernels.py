@@ -1,0 +1,110 @@
+"""The CPU worker pool and the rotary attention kernel against MLX's own ops."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from imgpack.runtime import backend, cpu_pool
+from imgpack.runtime.backend import mx, nn
+from imgpack.runtime.common.attention import apply_rope, rope_attention
+
+pytestmark = pytest.mark.skipif(not backend.numpy_kernels(), reason="the numpy kernels are CPU-only")
+
+
+def random(shape: tuple[int, ...], seed: int, scale: float = 1.0) -> mx.array:
+    return mx.array(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) * np.float32(scale))
+
+
+def reference(q, k, v, cos, sin, scale, mask, q_norm, k_norm) -> np.ndarray:  # noqa: ANN001
+    """The same attention from MLX's ops alone."""
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = mx.fast.scaled_dot_product_attention(*(a.transpose(0, 2, 1, 3) for a in (q, k, v)), scale=scale,
+                                               mask=mask)
+    b, s = q.shape[:2]
+    return np.array(out.transpose(0, 2, 1, 3).reshape(b, s, -1))
+
+
+@pytest.mark.parametrize("threads", ["", "1"])
+@pytest.mark.parametrize(("batch", "tokens", "heads", "dim", "normed", "masked"), [
+    (1, 70, 3, 16, True, False),  # ragged blocks of query rows and token bands
+    (2, 33, 2, 8, False, True),   # a key mask that differs per batch item, no norm
+    (1, 1, 1, 4, True, False),    # a single token
+])
+def test_rope_attention_matches_mlx(monkeypatch: pytest.MonkeyPatch, threads: str, batch: int, tokens: int,
+                                    heads: int, dim: int, normed: bool, masked: bool) -> None:
+    monkeypatch.setenv(cpu_pool.THREADS_ENV, threads)
+    monkeypatch.setattr(backend, "ATTENTION_BLOCK_FLOATS", 16 * tokens)  # several row blocks per head
+    monkeypatch.setattr("imgpack.runtime.common.attention.ROPE_BAND_TOKENS", 16)
+    q, k, v = (random((batch, tokens, heads, dim), seed) for seed in (1, 2, 3))
+    angles = random((1, tokens, 1, dim // 2), 4, 3.0)
+    cos, sin = mx.cos(angles), mx.sin(angles)
+    norms: tuple[nn.RMSNorm | None, nn.RMSNorm | None] = (None, None)
+    if normed:
+        norms = (nn.RMSNorm(dim, eps=1e-5), nn.RMSNorm(dim, eps=1e-5))
+        norms[0].weight, norms[1].weight = random((dim,), 5) + 1.0, random((dim,), 6) + 1.0
+    mask = None
+    if masked:
+        mask = mx.array(np.arange(tokens)[None, None, None, :] < np.array([tokens, tokens - 9])[:, None, None, None])
+    got = rope_attention(q, k, v, cos, sin, dim**-0.5, mask, *norms)
+    assert got.shape == (batch, tokens, heads * dim)
+    want = reference(q, k, v, cos, sin, dim**-0.5, mask, *norms)
+    np.testing.assert_allclose(np.array(got), want, atol=2e-5, rtol=1e-5)
+
+
+def test_rope_attention_without_numpy_kernels_is_the_mlx_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, k, v = (random((1, 9, 2, 8), seed) for seed in (7, 8, 9))
+    angles = random((1, 9, 1, 4), 10)
+    fast = rope_attention(q, k, v, mx.cos(angles), mx.sin(angles), 0.3)
+    monkeypatch.setenv(backend.NUMPY_KERNELS_ENV, "0")
+    slow = rope_attention(q, k, v, mx.cos(angles), mx.sin(angles), 0.3)
+    np.testing.assert_allclose(np.array(fast), np.array(slow), atol=2e-6)
+
+
+def test_run_all_spreads_jobs_and_reraises() -> None:
+    if cpu_pool.worker_count() < 2:
+        pytest.skip("one CPU: every job runs in the caller")
+    seen: list[str] = []
+    cpu_pool.run_all(lambda job: seen.append(threading.current_thread().name), range(8))
+    assert len(seen) == 8 and all(name.startswith("imgpack-cpu") for name in seen)
+
+    done: list[int] = []
+
+    def fail_on_three(job: int) -> None:
+        if job == 3:
+            raise ValueError("job 3 failed")
+        done.append(job)
+
+    with pytest.raises(ValueError, match="job 3 failed"):
+        cpu_pool.run_all(fail_on_three, range(6))
+    assert sorted(done) == [0, 1, 2, 4, 5]  # every other job still ran to the end before the raise
+
+
+def test_nested_run_all_runs_inline() -> None:
+    """A job that splits its own work runs it in its own thread (a pool waiting on itself would deadlock)."""
+    inner_threads: list[str] = []
+
+    def outer(job: int) -> None:
+        cpu_pool.run_all(lambda _: inner_threads.append(threading.current_thread().name), range(3))
+
+    cpu_pool.run_all(outer, range(2))
+    assert len(inner_threads) == 6
+
+
+def test_one_thread_runs_in_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_pool.THREADS_ENV, "1")
+    names: list[str] = []
+    cpu_pool.run_all(lambda _: names.append(threading.current_thread().name), range(4))
+    assert names == [threading.current_thread().name] * 4
+
+
+def test_spans_cover_the_range_exactly() -> None:
+    for total, parts, multiple in ((10, 3, 1), (7, 8, 1), (64, 2, 8), (1, 4, 1), (0, 2, 1)):
+        got = cpu_pool.spans(total, parts, multiple)
+        assert [i for a, b in got for i in range(a, b)] == list(range(total))
+        assert len(got) <= max(parts, 0) or total == 0
+        assert all((b - a) % multiple == 0 for a, b in got[:-1])
