@@ -18,6 +18,14 @@ runs a model is :mod:`imgpack.architectures`' registry's answer for its ``model_
 from __future__ import annotations
 
 import importlib
+import os
+
+#: How long OpenBLAS' idle threads spin before sleeping, as a power of two of CPU cycles (OpenBLAS' default 28 is
+#: ~0.1 s). The runtime's CPU work alternates between MLX's sgemms (one OpenBLAS) and numpy's kernels (numpy's
+#: own OpenBLAS, and worker threads): threads left spinning by one starve the other (MLX's matmuls measured
+#: 20-30% slower right after numpy's). Set here, before either library starts its threads; a value the user set
+#: is kept.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
