@@ -223,8 +223,46 @@ except ImportError as e:  # pragma: no cover - exercised only where mlx is absen
     raise ImgpackError(f"the MLX runtime is not installed ({e}); install it with: {INSTALL_HINT}") from None
 
 
+#: Set to 0 to keep glibc malloc's defaults on CPU.
+MALLOC_REUSE_ENV = "IMGPACK_MALLOC_REUSE"
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def _libc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def reuse_freed_memory() -> bool:
+    """Keep freed memory in glibc's heap for the next allocation instead of unmapping it (CPU, Linux only).
+
+    glibc serves each large allocation with a fresh mmap and unmaps it on free, so every MLX op's output at full
+    resolution page-faults all its memory in anew: about 120 ms for a 134 MB VAE activation on a 2-core VM
+    against 15 ms when the memory is reused — 15% of a decode. ``release_free_memory`` hands the free part back
+    after each image (a server keeps its peak otherwise)."""
+    libc = _libc()
+    if libc is None or os.environ.get(MALLOC_REUSE_ENV, "1") == "0":
+        return False
+    ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
+    return libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1)) == 1 and ok
+
+
+def release_free_memory() -> None:
+    """Return the heap's free memory to the system (after an image; see ``reuse_freed_memory``)."""
+    libc = _libc()
+    if libc is not None and MALLOC_REUSE:
+        libc.malloc_trim(0)
+
+
 def is_cpu() -> bool:
     return mx.default_device() == mx.cpu
+
+
+MALLOC_REUSE = is_cpu() and reuse_freed_memory()
 
 
 def compute_dtype(trained_dtype: str | None) -> mx.Dtype:
@@ -375,7 +413,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     On CPU this is ``attention_arrays`` over views of the evaluated inputs (the usual transposed views of
     (batch, tokens, heads, head_dim) cost no copy); elsewhere MLX's fused kernel.
     """
-    if not numpy_kernels() or q.dtype != mx.float32 or k.shape[1] != q.shape[1]:
+    if not numpy_kernels() or not q.dtype == k.dtype == v.dtype == mx.float32 or k.shape[1] != q.shape[1]:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     import numpy as np
 
@@ -437,4 +475,4 @@ def attention_arrays(q, k, v, scale: float, mask=None) -> mx.array:  # noqa: ANN
 
 
 __all__ = ["BLAS", "BlasInfo", "attention", "attention_arrays", "attention_bytes", "available_memory",
-           "compute_dtype", "measure_matmul_gflops", "mx", "nn", "numpy_kernels", "silu"]
+           "compute_dtype", "measure_matmul_gflops", "mx", "nn", "numpy_kernels", "release_free_memory", "silu"]

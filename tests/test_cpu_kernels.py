@@ -65,6 +65,19 @@ def test_rope_attention_without_numpy_kernels_is_the_mlx_path(monkeypatch: pytes
     np.testing.assert_allclose(np.array(fast), np.array(slow), atol=2e-6)
 
 
+def test_half_precision_inputs_and_norms_are_widened() -> None:
+    """A quantized model keeps small tensors (norms) as stored, bf16: the kernel widens them, as MLX would."""
+    q, k, v = (random((1, 12, 2, 8), seed) for seed in (11, 12, 13))
+    angles = random((1, 12, 1, 4), 14)
+    norm = nn.RMSNorm(8)
+    norm.weight = (random((8,), 15) + 1.0).astype(mx.bfloat16)
+    got = rope_attention(q.astype(mx.bfloat16), k, v, mx.cos(angles), mx.sin(angles), 0.35, None, norm, norm)
+    assert got.dtype == mx.float32
+    want = reference(q.astype(mx.bfloat16).astype(mx.float32), k, v, mx.cos(angles), mx.sin(angles), 0.35, None,
+                     norm, norm)
+    np.testing.assert_allclose(np.array(got), want, atol=2e-2)
+
+
 def test_run_all_spreads_jobs_and_reraises() -> None:
     if cpu_pool.worker_count() < 2:
         pytest.skip("one CPU: every job runs in the caller")
@@ -108,3 +121,44 @@ def test_spans_cover_the_range_exactly() -> None:
         assert [i for a, b in got for i in range(a, b)] == list(range(total))
         assert len(got) <= max(parts, 0) or total == 0
         assert all((b - a) % multiple == 0 for a, b in got[:-1])
+
+
+class FakeLibc:
+    """Records the malloc tuning calls instead of making them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def mallopt(self, option: int, value: object) -> int:
+        self.calls.append(("mallopt", option, getattr(value, "value", value)))
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_freed_memory_is_kept_for_reuse_unless_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    libc = FakeLibc()
+    monkeypatch.setattr(backend, "_libc", lambda: libc)
+    assert backend.reuse_freed_memory()
+    assert libc.calls == [("mallopt", -4, 0), ("mallopt", -1, 2**31 - 1)]  # no mmap per block; never trim
+    monkeypatch.setenv(backend.MALLOC_REUSE_ENV, "0")
+    libc.calls.clear()
+    assert not backend.reuse_freed_memory() and libc.calls == []
+
+
+def test_free_memory_goes_back_after_each_image_and_on_cancel(monkeypatch: pytest.MonkeyPatch,
+                                                             runtime_store) -> None:  # noqa: ANN001
+    from imgpack.runtime.common import pipeline as pipeline_module
+    from imgpack.runtime.zimage.pipeline import GenerationRequest, Image, ZImageModel
+
+    released: list[int] = []
+    monkeypatch.setattr(pipeline_module, "release_free_memory", lambda: released.append(1))
+    model = ZImageModel.open(runtime_store, "zimage-tiny:latest")
+    events = list(model.generate(GenerationRequest("a fox", 64, 64, steps=1, seed=1)))
+    assert isinstance(events[-1], Image) and released == [1]
+    partial = model.generate(GenerationRequest("a fox", 64, 64, steps=2, seed=1))
+    next(partial)
+    partial.close()  # a client that went away mid-generation
+    assert released == [1, 1]

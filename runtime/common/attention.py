@@ -44,7 +44,8 @@ def rope_attention(
     (broadcastable to batch, heads, queries, keys) is True where keys may be seen. Returns (batch, tokens,
     heads * head_dim)."""
     b, s, h, d = q.shape
-    if not (numpy_kernels() and q.dtype == k.dtype == v.dtype == mx.float32 and k.shape[2] == h):
+    floats = (mx.float32, mx.bfloat16, mx.float16)
+    if not (numpy_kernels() and all(a.dtype in floats for a in (q, k, v)) and k.shape[2] == h):
         if q_norm is not None:
             q = q_norm(q)
         if k_norm is not None:
@@ -52,6 +53,8 @@ def rope_attention(
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale, mask)
         return out.transpose(0, 2, 1, 3).reshape(b, s, -1)
+    # CPU computes in float32; a half-precision input (a norm kept as stored) is widened here, not in MLX's sdpa.
+    q, k, v = (a if a.dtype == mx.float32 else a.astype(mx.float32) for a in (q, k, v))
     mx.eval(q, k, v, cos, sin)
     cos_np = np.broadcast_to(np.asarray(cos), (b, s, 1, d // 2))
     sin_np = np.broadcast_to(np.asarray(sin), (b, s, 1, d // 2))
@@ -74,8 +77,9 @@ def _norm_rope(x: np.ndarray, norm: nn.RMSNorm | None, cos: np.ndarray, sin: np.
     out = np.empty((b, s, h, d), np.float32)
     weight = eps = None
     if norm is not None:
-        mx.eval(norm.weight)
-        weight = np.asarray(norm.weight, dtype=np.float32) * np.float32(scale)
+        weight_f32 = norm.weight.astype(mx.float32)
+        mx.eval(weight_f32)
+        weight = np.asarray(weight_f32) * np.float32(scale)
         eps = np.float32(norm.eps)
 
     def band(job: tuple[int, int, int]) -> None:

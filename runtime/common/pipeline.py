@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from imgpack.architectures.base import Architecture
-from imgpack.runtime.backend import available_memory, is_cpu, mx, nn
+from imgpack.runtime.backend import available_memory, is_cpu, mx, nn, release_free_memory
 from imgpack.runtime.common.loader import GB, Component, InsufficientMemory, ModelSource, ResidentForm
 from imgpack.runtime.common.scheduler import FlowMatchEulerScheduler
 from imgpack.runtime.common.tokenizer import PromptTokenizer
@@ -392,6 +392,13 @@ class Pipeline(abc.ABC):
         listed in ``previews`` a ``Preview`` follows its ``Step``: the VAE decode of the clean latent predicted at
         that point, which is what a streaming client shows while it waits.
         """
+        try:
+            yield from self._events(request, cancel, latents, previews)
+        finally:
+            release_free_memory()
+
+    def _events(self, request: GenerationRequest, cancel: threading.Event | None, latents: np.ndarray | None,
+                previews: Collection[int]) -> Iterator[Event]:
         request = self.resolve(request)
         assert request.width and request.height and request.steps and request.guidance is not None
         started = time.perf_counter()

@@ -351,8 +351,11 @@ def group_norm_silu(
     x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float, silu: bool = True
 ) -> mx.array:
     """GroupNorm over NHWC (PyTorch's channel grouping), optionally followed by SiLU, in two passes over ``x``:
-    float64 sums and sums of squares per channel, then ``x * scale + shift`` (and SiLU) per chunk; both passes
-    are split over the workers by spans of pixels."""
+    per-channel moments, then ``x * scale + shift`` (and SiLU) per chunk; both passes are split over the workers
+    by spans of pixels.
+
+    Each chunk's moments are taken in float32 about the chunk's first pixel (so the sums stay small and exact
+    enough whatever the activations' mean), and combined across chunks and channels in float64."""
     b, h, w, c = x.shape
     xs = np.ascontiguousarray(_read(x)).reshape(b, h * w, c)
     gamma = np.asarray(weight, dtype=np.float32)
@@ -360,26 +363,30 @@ def group_norm_silu(
     out, view = _output((b, h, w, c))
     flat_out = view.reshape(b, h * w, c)
     rows = max(1, NORM_CHUNK // c)
-    count = h * w * (c // groups)
     spans = split_work(h * w, rows)
     scratch = Scratch()
     for i in range(b):
-        partial: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        moments: list[tuple[int, np.ndarray, np.ndarray]] = []  # (pixels, mean, M2) per chunk and channel
 
-        def statistics(span: tuple[int, int], i: int = i, partial: dict = partial) -> None:
-            sums = np.zeros(c, np.float64)
-            squares = np.zeros(c, np.float64)
+        def statistics(span: tuple[int, int], i: int = i, moments: list = moments) -> None:
             for start in range(span[0], span[1], rows):
-                chunk = xs[i, start : min(span[1], start + rows)].astype(np.float64)
-                sums += chunk.sum(axis=0)
-                squares += np.einsum("ij,ij->j", chunk, chunk)
-            partial[span[0]] = (sums, squares)
+                chunk = xs[i, start : min(span[1], start + rows)]
+                n = len(chunk)
+                centred = np.subtract(chunk, chunk[0], out=scratch.get(chunk.shape))
+                first = centred.sum(axis=0, dtype=np.float64)
+                second = np.einsum("ij,ij->j", centred, centred).astype(np.float64)
+                mean = chunk[0].astype(np.float64) + first / n
+                moments.append((n, mean, np.maximum(second - first * first / n, 0.0)))
 
         run_all(statistics, spans)
-        sums = np.sum([p[0] for p in partial.values()], axis=0)
-        squares = np.sum([p[1] for p in partial.values()], axis=0)
-        mean = sums.reshape(groups, -1).sum(axis=1) / count
-        var = np.maximum(squares.reshape(groups, -1).sum(axis=1) / count - mean * mean, 0.0)
+        counts = np.array([m[0] for m in moments], np.float64)[:, None]
+        means = np.stack([m[1] for m in moments])
+        channel_mean = (counts * means).sum(axis=0) / counts.sum()
+        channel_m2 = (np.stack([m[2] for m in moments]) + counts * (means - channel_mean) ** 2).sum(axis=0)
+        per_group = channel_mean.reshape(groups, -1)
+        mean = per_group.mean(axis=1)
+        m2 = (channel_m2.reshape(groups, -1) + h * w * (per_group - mean[:, None]) ** 2).sum(axis=1)
+        var = m2 / (h * w * (c // groups))
         inv = 1.0 / np.sqrt(var + eps)
         scale = (np.repeat(inv, c // groups) * gamma).astype(np.float32)
         shift = (beta - np.repeat(mean * inv, c // groups) * gamma).astype(np.float32)
