@@ -17,6 +17,11 @@ real widths with fewer layers (see ``REAL_TRANSFORMER``).
 
 Targets (issue 16): s/step <= 0.75x diffusers, VAE decode <= 0.8x, whole image <= 0.7x, load <= 0.5x, peak RSS
 <= 1.3x the weights' float32 size.
+
+A last table gives the floor: each size's step FLOPs (linear layers and attention's matmuls, from the config) at
+the best sgemm rate MLX reaches here at the step's shapes, against both sides' s/step — how far from the floor
+each side is, and whether a target is within the machine's reach at all. ``--floor-only --work DIR`` prints it
+again for a finished run's results.json.
 """
 
 from __future__ import annotations
@@ -457,7 +462,7 @@ def merge_sizes(per_size: list[dict]) -> dict:
     merged["load_to_first_step"] = min(r["load_to_first_step"] for r in per_size)
     merged["peak_rss"] = max(r["peak_rss"] for r in per_size)
     merged["load_average"] = max(r["load_average"] for r in per_size)
-    merged["sizes"] = {k: v for r in per_size for k, v in r["sizes"].items()}
+    merged["sizes"] = {k: {**v, "peak_rss": r["peak_rss"]} for r in per_size for k, v in r["sizes"].items()}
     return merged
 
 
@@ -465,6 +470,74 @@ def steady_step(times: list[float]) -> float:
     """Fastest step after the first (which pays one-off warm-up): the least disturbed by other load on the
     machine, for both sides alike."""
     return min(times[1:] if len(times) > 1 else times)
+
+
+# -- the machine's floor ---------------------------------------------------------------------------------
+
+
+def step_flops(arch: str, model: str, size: int, text_tokens: int = 32) -> dict[str, float]:
+    """Multiply-add FLOPs of one denoising step (one transformer forward, batch 1): linear layers and attention's
+    two matmuls, from the bench model's config (adaLN, norms and embedders are under 0.1% and left out)."""
+    if arch == "flux2":
+        cfg = FLUX2_TRANSFORMER
+        dim = cfg["attention_head_dim"] * cfg["num_attention_heads"]
+        mlp = int(dim * cfg["mlp_ratio"])
+        tokens = (size // ARCHS[arch]["scale"]) ** 2 + 512  # Flux2KleinPipeline pads the prompt to 512 tokens
+        double = 2 * (4 * dim * dim + 3 * dim * mlp)  # per token, both streams' projections and SwiGLU
+        single = dim * (3 * dim + 2 * mlp) + (dim + mlp) * dim
+        linear = 2 * tokens * (cfg["num_layers"] * double / 2 + cfg["num_single_layers"] * single)
+        attention = 4 * tokens * tokens * dim * (cfg["num_layers"] + cfg["num_single_layers"])
+        return {"linear": linear, "attention": attention, "tokens": tokens}
+    cfg = ZIMAGE_MODELS[model][0]
+    dim = cfg["dim"]
+    ffn = int(dim / 3 * 8)
+    image = (size // 16) ** 2
+    per_token = 2 * (4 * dim * dim + 3 * dim * ffn)
+    unified = image + text_tokens
+    linear = per_token * (cfg["n_layers"] * unified + cfg["n_refiner_layers"] * (image + text_tokens))
+    attention = 4 * dim * (cfg["n_layers"] * unified**2 + cfg["n_refiner_layers"] * (image**2 + text_tokens**2))
+    return {"linear": linear, "attention": attention, "tokens": unified}
+
+
+def sgemm_rate(tokens: int, dim: int, hidden: int, repeats: int = 5) -> float:
+    """Best float32 GFLOP/s of MLX's sgemm here at a step's linear shapes (tokens x dim -> hidden -> dim)."""
+    from imgpack.runtime.backend import mx
+
+    best = 0.0
+    for k, n in ((dim, dim), (dim, hidden), (hidden, dim)):
+        a, w = mx.random.normal((tokens, k)), mx.random.normal((n, k))
+        mx.eval(a, w, a @ w.T)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            mx.eval(a @ w.T)
+            best = max(best, 2 * tokens * k * n / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def floor_report(arch: str, model: str, sizes: list[int], results: dict) -> None:
+    """What two cores can do at best: each size's step FLOPs at the best sgemm rate measured now, against the
+    s/step both sides reached in ``results`` (this run's, or a ``--work`` directory's)."""
+    if arch == "flux2":
+        cfg = FLUX2_TRANSFORMER
+        dim = cfg["attention_head_dim"] * cfg["num_attention_heads"]
+        hidden = int(dim * cfg["mlp_ratio"])
+    else:
+        dim = ZIMAGE_MODELS[model][0]["dim"]
+        hidden = int(dim / 3 * 8)
+    print()
+    print("the floor: a step's multiply-add FLOPs at the best sgemm rate measured here (MLX, float32, the step's"
+          " linear shapes), every other operation free")
+    print(f"{'size':<10}{'GFLOP/step':>11}{'GFLOP/s':>9}{'floor s':>9}{'imgpack s':>11}{'diffusers s':>13}"
+          f"{'floor / diffusers':>19}")
+    for size in sizes:
+        flops = step_flops(arch, model, size)
+        rate = sgemm_rate(int(flops["tokens"]), dim, hidden)
+        total = (flops["linear"] + flops["attention"]) / 1e9
+        floor = total / rate
+        ours = steady_step(results["imgpack"]["sizes"][str(size)]["step_times"])
+        theirs = steady_step(results["diffusers"]["sizes"][str(size)]["step_times"])
+        print(f"{f'{size}x{size}':<10}{total:>11.0f}{rate:>9.0f}{floor:>9.2f}{ours:>11.2f}{theirs:>13.2f}"
+              f"{floor / theirs:>18.2f}x")
 
 
 def main() -> None:
@@ -482,10 +555,17 @@ def main() -> None:
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--spawned", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--floor-only", action="store_true",
+                        help="only print the floor table against the results.json a previous run left in --work")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.worker == "mlx":
         mlx_worker(args.store, sizes, args.steps, args.out, args.arch, args.spawned)
+        return
+    if args.floor_only:
+        if not args.work or not (Path(args.work) / "results.json").exists():
+            sys.exit("bench: --floor-only needs --work DIR holding a previous run's results.json")
+        floor_report(args.arch, args.model, sizes, json.loads((Path(args.work) / "results.json").read_text()))
         return
     if not args.diffusers_python or not Path(args.diffusers_python).exists():
         sys.exit(f"bench: no diffusers interpreter{f' at {args.diffusers_python}' if args.diffusers_python else ''};"
@@ -529,6 +609,7 @@ def main() -> None:
         ref, ours = merge_sizes(per_size_refs), merge_sizes(per_size_mine)
         (work / "results.json").write_text(json.dumps({"imgpack": ours, "diffusers": ref}, indent=1))
         report(ours, ref, sizes, f32_bytes, work, args.steps)
+        floor_report(args.arch, args.model, sizes, {"imgpack": ours, "diffusers": ref})
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -546,16 +627,19 @@ def report(ours: dict, ref: dict, sizes: list[int], f32_bytes: int, work: Path, 
         rows.append((f"s/step at {size}x{size}", steady_step(o["step_times"]), steady_step(r["step_times"]), 0.75))
         rows.append((f"VAE decode at {size}x{size} (s)", o["decode"], r["decode"], 0.8))
         rows.append((f"whole image {size}x{size} (s)", o["to_png"], r["to_png"], 0.7))
-    rows.append(("peak RSS (GiB)", ours["peak_rss"] / 2**30, ref["peak_rss"] / 2**30, None))
     print(f"whole image = process start to PNG written: imports, load, text encoding, {steps} steps, decode")
     print(f"{'metric':<32}{'imgpack':>10}{'diffusers':>11}{'ratio':>8}  target")
     for name, mine, theirs, target in rows:
         ratio = mine / theirs if theirs else float("inf")
         verdict = "" if target is None else (f"<= {target}x " + ("ok" if ratio <= target else "MISSED"))
         print(f"{name:<32}{mine:>10.3f}{theirs:>11.3f}{ratio:>7.2f}x  {verdict}")
-    rss_ratio = ours["peak_rss"] / f32_bytes
-    print(f"{'peak RSS / f32 weights':<32}{rss_ratio:>10.2f}{ref['peak_rss'] / f32_bytes:>11.2f}{'':>8}  "
-          f"<= 1.3 {'ok' if rss_ratio <= 1.3 else 'MISSED'}")
+    for size in sizes:  # each size ran in its own process: its peak is that size's
+        mine, theirs = ours["sizes"][str(size)]["peak_rss"], ref["sizes"][str(size)]["peak_rss"]
+        print(f"{f'peak RSS at {size}x{size} (GiB)':<32}{mine / 2**30:>10.3f}{theirs / 2**30:>11.3f}"
+              f"{mine / theirs:>7.2f}x")
+        rss_ratio = mine / f32_bytes
+        print(f"{'  / the f32 weights':<32}{rss_ratio:>10.2f}{theirs / f32_bytes:>11.2f}{'':>8}  "
+              f"<= 1.3 {'ok' if rss_ratio <= 1.3 else 'MISSED'}")
     for size in sizes:
         a = np.load(work / f"mlx-{size}.npy").astype(np.int16)
         b = np.load(work / f"diffusers-{size}.npy").astype(np.int16)

@@ -142,7 +142,8 @@ def test_freed_memory_is_kept_for_reuse_unless_disabled(monkeypatch: pytest.Monk
     libc = FakeLibc()
     monkeypatch.setattr(backend, "_libc", lambda: libc)
     assert backend.reuse_freed_memory()
-    assert libc.calls == [("mallopt", -4, 0), ("mallopt", -1, 2**31 - 1)]  # no mmap per block; never trim
+    # one arena for every thread; no mmap per block; never trim on free (release_free_memory does)
+    assert libc.calls == [("mallopt", -8, 1), ("mallopt", -4, 0), ("mallopt", -1, 2**31 - 1)]
     monkeypatch.setenv(backend.MALLOC_REUSE_ENV, "0")
     libc.calls.clear()
     assert not backend.reuse_freed_memory() and libc.calls == []

@@ -165,4 +165,26 @@ def test_upsample_module_uses_fused_path_only_on_cpu_float32() -> None:
     assert not vae_kernels.fast_conv(x, up.conv.weight)
     assert up(x).shape == (1, 6, 6, 4)
     norm = GroupNorm(4, 2)
-    assert rel_err(autoencoder.norm_silu(norm, x), autoencoder.silu(norm(x))) == 0.0
+    conv = Conv3x3(4, 4)
+    conv.weight, conv.bias = conv.weight.astype(mx.bfloat16), conv.bias.astype(mx.bfloat16)
+    assert not vae_kernels.fast_conv(x, conv.weight)
+    assert rel_err(conv(x, norm=norm), conv(autoencoder.silu(norm(x)))) == 0.0
+
+
+@pytest.mark.parametrize("kernel", CONVS, ids=lambda k: k.__name__)
+@pytest.mark.parametrize("threads", ["", "1"])
+def test_norm_folded_into_the_convolution(monkeypatch: pytest.MonkeyPatch, kernel: Callable, threads: str) -> None:
+    """GroupNorm + SiLU applied band by band as the convolution reads its input (padding stays zero) equals the
+    convolution of the stored normalised activation, across ragged bands and a batch of two."""
+    monkeypatch.setenv(cpu_pool.THREADS_ENV, threads)
+    monkeypatch.setattr(vae_kernels, "BAND_FLOATS", 3 * (9 + 2) * 9 * 32)
+    monkeypatch.setattr(vae_kernels, "WINOGRAD_BAND_FLOATS", 2 * 16 * 5 * (32 + 16))
+    norm = GroupNorm(32, 8)
+    norm.weight, norm.bias = random((32,), 26) + 1.0, random((32,), 27)
+    conv = conv_module(32, 16, 28)
+    x = random((2, 13, 9, 32), 29, 2.0) + 5.0
+    stored = vae_kernels.group_norm_silu(x, norm.weight, norm.bias, norm.groups, norm.eps)
+    expected = kernel(stored, conv.weight, conv.bias, conv)
+    pre = vae_kernels.prenorm(x, norm.weight, norm.bias, norm.groups, norm.eps)
+    assert rel_err(kernel(x, conv.weight, conv.bias, conv, None, pre), expected) < 1e-5
+    assert rel_err(conv(x, norm=norm), expected) < 1e-5

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from imgpack.runtime.backend import attention, mx, nn, silu
+from imgpack.runtime.backend import attention, mx, nn, release_free_memory, silu
 from imgpack.runtime.common import vae_kernels
 from imgpack.schemas.errors import ImgpackError
 
@@ -95,13 +95,6 @@ def group_norm(channels: int, groups: int) -> GroupNorm:
     return GroupNorm(channels, groups)
 
 
-def norm_silu(norm: GroupNorm, x: mx.array) -> mx.array:
-    """``silu(norm(x))``; one fused pass on CPU (see ``vae_kernels``)."""
-    if vae_kernels.fast_conv(x, norm.weight):
-        return vae_kernels.group_norm_silu(x, norm.weight, norm.bias, norm.groups, norm.eps)
-    return silu(norm(x))
-
-
 def pointwise(conv: nn.Conv2d, x: mx.array) -> mx.array:
     """A 1x1 ``nn.Conv2d``; a plain matmul on CPU."""
     if vae_kernels.fast_conv(x, conv.weight):
@@ -118,11 +111,14 @@ class Conv3x3(nn.Module):
         self.weight = mx.random.uniform(-scale, scale, (out_ch, 3, 3, in_ch))
         self.bias = mx.zeros((out_ch,))
 
-    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
-        """The convolution of ``x``, plus ``residual`` (the output's shape) when given."""
-        if vae_kernels.fast_conv(x, self.weight):
-            return vae_kernels.conv3x3_auto(x, self.weight, self.bias, self, residual)
-        out = self._banded(x)
+    def __call__(self, x: mx.array, residual: mx.array | None = None, norm: GroupNorm | None = None) -> mx.array:
+        """The convolution of ``silu(norm(x))`` (of ``x`` without ``norm``), plus ``residual`` (the output's
+        shape) when given. On CPU the norm and SiLU are applied band by band as the convolution reads its input,
+        so the normalised activation is never stored whole."""
+        if vae_kernels.fast_conv(x, self.weight, *(() if norm is None else (norm.weight,))):
+            pre = None if norm is None else vae_kernels.prenorm(x, norm.weight, norm.bias, norm.groups, norm.eps)
+            return vae_kernels.conv3x3_auto(x, self.weight, self.bias, self, residual, pre)
+        out = self._banded(x if norm is None else silu(norm(x)))
         return out if residual is None else residual + out
 
     def _banded(self, x: mx.array) -> mx.array:
@@ -155,8 +151,8 @@ class ResnetBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         skip = pointwise(self.conv_shortcut, x) if self.has_shortcut else x
-        h = self.conv1(norm_silu(self.norm1, x))
-        return self.conv2(norm_silu(self.norm2, h), residual=skip)
+        h = self.conv1(x, norm=self.norm1)
+        return self.conv2(h, residual=skip, norm=self.norm2)
 
 
 class AttentionBlock(nn.Module):
@@ -239,7 +235,8 @@ class Decoder(nn.Module):
         for block in self.up_blocks:
             x = block(x)
             mx.eval(x)  # keep the graph, and so the live activations, to one block
-        return self.conv_out(norm_silu(self.conv_norm_out, x))
+            release_free_memory()
+        return self.conv_out(x, norm=self.conv_norm_out)
 
 
 class VAEDecoder(nn.Module):

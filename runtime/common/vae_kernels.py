@@ -24,6 +24,8 @@ Set ``IMGPACK_FAST_CONV=0`` to use MLX's own kernels (always the case on Metal/C
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -120,9 +122,11 @@ def _phase_weights(w: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
             for py in (0, 1) for px in (0, 1)}
 
 
-def _padded_band(x: np.ndarray, top: int, bottom: int, into: np.ndarray) -> np.ndarray:
+def _padded_band(x: np.ndarray, top: int, bottom: int, into: np.ndarray,
+                 activate: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
     """Rows ``top-1 .. bottom`` of ``x`` (h, w, c) zero-padded by one pixel all round, plus one spare zero row
-    (the dropped padding columns of the last output row read into it), flattened to (pixels, c)."""
+    (the dropped padding columns of the last output row read into it), flattened to (pixels, c). ``activate``
+    (a GroupNorm + SiLU folded into the convolution) runs in place over the copied pixels, not the padding."""
     h, w, c = x.shape
     rows = bottom - top
     band = into[: (rows + 3) * (w + 2) * c].reshape(rows + 3, w + 2, c)
@@ -133,12 +137,15 @@ def _padded_band(x: np.ndarray, top: int, bottom: int, into: np.ndarray) -> np.n
     band[:dst_top] = 0.0
     band[dst_top + src_bottom - src_top :] = 0.0
     band[dst_top : dst_top + src_bottom - src_top, 1 : w + 1] = x[src_top:src_bottom]
+    if activate is not None:
+        activate(band[dst_top : dst_top + src_bottom - src_top, 1 : w + 1])
     return band.reshape(-1, c)
 
 
-def _pad_rows(x: np.ndarray, first: int, count: int, width: int, into: np.ndarray) -> np.ndarray:
+def _pad_rows(x: np.ndarray, first: int, count: int, width: int, into: np.ndarray,
+              activate: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
     """Rows ``first .. first+count-1`` and columns ``-1 .. width-2`` of ``x`` (h, w, c), zero outside ``x``:
-    (count, width, c), in ``into``'s memory."""
+    (count, width, c), in ``into``'s memory; ``activate`` as for ``_padded_band``."""
     h, w, c = x.shape
     band = into[: count * width * c].reshape(count, width, c)
     src_top, src_bottom = max(first, 0), min(first + count, h)
@@ -149,6 +156,8 @@ def _pad_rows(x: np.ndarray, first: int, count: int, width: int, into: np.ndarra
     band[dst_top:dst_bottom, 0] = 0.0
     band[dst_top:dst_bottom, w + 1 :] = 0.0
     band[dst_top:dst_bottom, 1 : w + 1] = x[src_top:src_bottom]
+    if activate is not None and dst_bottom > dst_top:
+        activate(band[dst_top:dst_bottom, 1 : w + 1])
     return band
 
 
@@ -158,6 +167,36 @@ def _taps_view(flat: np.ndarray, offset: int, n: int, width: int, taps: int) -> 
     c = flat.shape[1]
     item = flat.itemsize
     return as_strided(flat[offset:], shape=(n, taps, taps * c), strides=(c * item, width * c * item, item))
+
+
+@dataclass
+class Prenorm:
+    """A GroupNorm (and SiLU) to apply to a convolution's input while its bands are read, so the normalised
+    activation is never stored whole: per batch item the (channels,) float32 scale and shift."""
+
+    scale: list[np.ndarray]
+    shift: list[np.ndarray]
+    silu: bool
+
+    def activation(self, item: int, scratch: Scratch) -> Callable[[np.ndarray], None]:
+        """In place over a (rows, width, channels) view: ``x * scale + shift``, then SiLU."""
+        scale, shift = self.scale[item], self.shift[item]
+
+        def activate(region: np.ndarray) -> None:
+            region *= scale
+            region += shift
+            if self.silu:
+                t = scratch.get(region.shape, 5)
+                np.negative(region, out=t)
+                np.exp(t, out=t)
+                t += 1.0
+                region /= t
+
+        return activate
+
+
+def _activation(norm: Prenorm | None, item: int, scratch: Scratch) -> Callable[[np.ndarray], None] | None:
+    return None if norm is None else norm.activation(item, scratch)
 
 
 def _band_rows(h: int, w: int, floats_per_pixel: int) -> int:
@@ -180,14 +219,14 @@ def _finish(res: np.ndarray, bias: np.ndarray, dest: np.ndarray, residual: np.nd
 
 
 def conv3x3_auto(x: mx.array, weight: mx.array, bias: mx.array, module: Any,
-                 residual: mx.array | None = None) -> mx.array:
+                 residual: mx.array | None = None, norm: Prenorm | None = None) -> mx.array:
     """The faster formulation for the shape: Winograd from ``WINOGRAD_MIN_CIN`` input channels (where its
     transforms are cheap next to the matmuls), im2col below (the narrowest layers, where K = 9*Cin keeps sgemm
     busy).
-    ``residual`` (the output's shape) is added to the result."""
+    ``residual`` (the output's shape) is added to the result; ``norm`` is applied to ``x`` first."""
     if x.shape[-1] >= WINOGRAD_MIN_CIN:
-        return winograd_conv3x3(x, weight, bias, module, residual)
-    return conv3x3(x, weight, bias, module, residual)
+        return winograd_conv3x3(x, weight, bias, module, residual, norm)
+    return conv3x3(x, weight, bias, module, residual, norm)
 
 
 def _residual(residual: mx.array | None, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -198,7 +237,8 @@ def _residual(residual: mx.array | None, shape: tuple[int, ...]) -> np.ndarray |
     return _read(residual)
 
 
-def conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any, residual: mx.array | None = None) -> mx.array:
+def conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any, residual: mx.array | None = None,
+            norm: Prenorm | None = None) -> mx.array:
     """3x3 stride-1 'same' convolution of NHWC ``x`` with MLX-layout ``weight`` (Cout, 3, 3, Cin), im2col."""
     wmat = _cached(module, weight, _direct_weights)
     b, h, w, cin = x.shape
@@ -215,7 +255,8 @@ def conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any, residual
         i, top = job
         bottom = min(h, top + rows)
         n = (bottom - top) * wp
-        flat = _padded_band(xs[i], top, bottom, scratch.get(((rows + 3) * wp * cin,), 0))
+        flat = _padded_band(xs[i], top, bottom, scratch.get(((rows + 3) * wp * cin,), 0),
+                            _activation(norm, i, scratch))
         col = scratch.get((n, 9 * cin), 1)
         res = scratch.get((n, cout), 2)
         np.copyto(col.reshape(n, 3, 3 * cin), _taps_view(flat, 0, n, wp, 3))
@@ -282,7 +323,7 @@ def _input_transform(rows: list[np.ndarray], out: list[np.ndarray]) -> None:
 
 
 def winograd_conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any,
-                     residual: mx.array | None = None) -> mx.array:
+                     residual: mx.array | None = None, norm: Prenorm | None = None) -> mx.array:
     """3x3 stride-1 'same' convolution as Winograd F(2x2, 3x3): 2.25x fewer multiply-adds than direct, the 16
     products per tile being 16 matmuls ``[tiles, Cin] x [Cin, Cout]``; the transforms are adds and subtracts."""
     u = _cached(module, weight, _winograd_weights)
@@ -305,7 +346,8 @@ def winograd_conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any,
         i, top = job
         ty = min(tile_rows, (h - top + 1) // 2)
         n = ty * tx
-        padded = _pad_rows(xs[i], top - 1, 2 * ty + 2, wp, scratch.get(((2 * ty + 2) * wp * cin,), 0))
+        padded = _pad_rows(xs[i], top - 1, 2 * ty + 2, wp, scratch.get(((2 * ty + 2) * wp * cin,), 0),
+                           _activation(norm, i, scratch))
         r = list(scratch.get((4, ty, wp, cin), 1))
         v = scratch.get((16, n, cin), 2)
         m = scratch.get((16, n, cout), 3)
@@ -354,8 +396,29 @@ def group_norm_silu(
     x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float, silu: bool = True
 ) -> mx.array:
     """GroupNorm over NHWC (PyTorch's channel grouping), optionally followed by SiLU, in two passes over ``x``:
-    per-channel moments, then ``x * scale + shift`` (and SiLU) per chunk; both passes are split over the workers
-    by spans of pixels.
+    the statistics (``prenorm``), then ``x * scale + shift`` (and SiLU) per chunk, split over the workers."""
+    b, h, w, c = x.shape
+    xs = np.ascontiguousarray(_read(x)).reshape(b, h * w, c)
+    coefficients = prenorm(x, weight, bias, groups, eps, silu)
+    out, view = _output((b, h, w, c))
+    flat_out = view.reshape(b, h * w, c)
+    rows = max(1, NORM_CHUNK // c)
+    scratch = Scratch()
+    for i in range(b):
+        activate = coefficients.activation(i, scratch)
+
+        def apply(span: tuple[int, int], i: int = i, activate: Callable[[np.ndarray], None] = activate) -> None:
+            for start in range(span[0], span[1], rows):
+                dst = flat_out[i, start : min(span[1], start + rows)]
+                np.copyto(dst, xs[i, start : min(span[1], start + rows)])
+                activate(dst)
+
+        run_all(apply, split_work(h * w, rows))
+    return out
+
+
+def prenorm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float, silu: bool = True) -> Prenorm:
+    """GroupNorm's per-channel scale and shift for each batch item of NHWC ``x``, from one pass over it.
 
     Each chunk's moments are taken in float32 about the chunk's first pixel (so the sums stay small and exact
     enough whatever the activations' mean), and combined across chunks and channels in float64."""
@@ -363,11 +426,9 @@ def group_norm_silu(
     xs = np.ascontiguousarray(_read(x)).reshape(b, h * w, c)
     gamma = np.asarray(weight, dtype=np.float32)
     beta = np.asarray(bias, dtype=np.float32)
-    out, view = _output((b, h, w, c))
-    flat_out = view.reshape(b, h * w, c)
     rows = max(1, NORM_CHUNK // c)
-    spans = split_work(h * w, rows)
     scratch = Scratch()
+    scales, shifts = [], []
     for i in range(b):
         moments: list[tuple[int, np.ndarray, np.ndarray]] = []  # (pixels, mean, M2) per chunk and channel
 
@@ -381,7 +442,7 @@ def group_norm_silu(
                 mean = chunk[0].astype(np.float64) + first / n
                 moments.append((n, mean, np.maximum(second - first * first / n, 0.0)))
 
-        run_all(statistics, spans)
+        run_all(statistics, split_work(h * w, rows))
         counts = np.array([m[0] for m in moments], np.float64)[:, None]
         means = np.stack([m[1] for m in moments])
         channel_mean = (counts * means).sum(axis=0) / counts.sum()
@@ -389,24 +450,7 @@ def group_norm_silu(
         per_group = channel_mean.reshape(groups, -1)
         mean = per_group.mean(axis=1)
         m2 = (channel_m2.reshape(groups, -1) + h * w * (per_group - mean[:, None]) ** 2).sum(axis=1)
-        var = m2 / (h * w * (c // groups))
-        inv = 1.0 / np.sqrt(var + eps)
-        scale = (np.repeat(inv, c // groups) * gamma).astype(np.float32)
-        shift = (beta - np.repeat(mean * inv, c // groups) * gamma).astype(np.float32)
-
-        def apply(span: tuple[int, int], i: int = i, scale: np.ndarray = scale, shift: np.ndarray = shift) -> None:
-            for start in range(span[0], span[1], rows):
-                stop = min(span[1], start + rows)
-                src = xs[i, start:stop]
-                dst = flat_out[i, start:stop]
-                np.multiply(src, scale, out=dst)
-                dst += shift
-                if silu:
-                    t = scratch.get((stop - start, c))
-                    np.negative(dst, out=t)
-                    np.exp(t, out=t)
-                    t += 1.0
-                    np.divide(dst, t, out=dst)
-
-        run_all(apply, spans)
-    return out
+        inv = 1.0 / np.sqrt(m2 / (h * w * (c // groups)) + eps)
+        scales.append((np.repeat(inv, c // groups) * gamma).astype(np.float32))
+        shifts.append((beta - np.repeat(mean * inv, c // groups) * gamma).astype(np.float32))
+    return Prenorm(scales, shifts, silu)
