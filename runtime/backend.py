@@ -397,10 +397,12 @@ def silu(x: mx.array) -> mx.array:
 
 def attention_bytes(batch: int, heads: int, n_q: int, n_k: int) -> int:
     """Working memory of one ``attention`` call beyond its inputs and output: the score blocks in flight (numpy
-    kernel), or all batch x heads x n_q x n_k scores (MLX's CPU fallback; the GPU kernel needs less)."""
+    kernel), all batch x heads x n_q x n_k scores (MLX's CPU fallback), or a generous bound for MLX's fused GPU
+    kernel, which never holds them all."""
+    scores = batch * heads * n_q * n_k * 4
     if numpy_kernels():
         return worker_count() * 2 * _attention_rows(n_q, n_k) * n_k * 4
-    return batch * heads * n_q * n_k * 4
+    return scores if is_cpu() else min(scores, 256 * 1024 * 1024)
 
 
 def _attention_rows(n_q: int, n_k: int) -> int:

@@ -14,10 +14,12 @@ x86 microarchitecture, threads included) over the MLX buffers, the way ``backend
 * ``conv(upsample_nearest_x2(x))`` is computed without the upsampled tensor: each of the four output phases
   (even/odd row x even/odd column) sees only 2x2 distinct input pixels, so it is a 2x2 convolution of ``x``
   with the 3x3 kernel's taps summed per phase: 16 instead of 36 taps per 2x2 output pixels, exact up to rounding.
-* GroupNorm statistics accumulate in float64 chunk by chunk; scale, shift and SiLU are applied per cache-sized
-  chunk, so the activation is read twice and written once.
+* GroupNorm's statistics take one pass (float32 moments per chunk, combined in float64); its scale, shift and
+  SiLU are then applied to each band a convolution copies in (``Prenorm``), so the normalised activation is never
+  stored, and the ResNet skip is added in the convolution's last pass.
 
-Everything works band by band, so the extra memory is bounded (about ``BAND_FLOATS`` floats) at any resolution.
+Everything works band by band, so the extra memory is bounded (about ``BAND_FLOATS`` floats) at any resolution,
+and the bands are spread over ``cpu_pool``'s workers, numpy's BLAS single-threaded in each.
 Set ``IMGPACK_FAST_CONV=0`` to use MLX's own kernels (always the case on Metal/CUDA).
 """
 
