@@ -275,8 +275,9 @@ class LoopbackHTTPServer:
 
     _httpd: ThreadingHTTPServer
 
-    def _serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    def _serve(self, handler: type[BaseHTTPRequestHandler],
+               server: type[ThreadingHTTPServer] = ThreadingHTTPServer) -> None:
+        self._httpd = server(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()

@@ -27,7 +27,6 @@ import struct
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from pathlib import Path
 import pytest
 import requests
 import zstandard
-from fixtures_registry import REGISTRY_BIN, write_mini_model
+from fixtures_registry import REGISTRY_BIN, LoopbackHTTPServer, write_mini_model
 
 from imgpack.schemas import spec
 from imgpack.schemas.digest import sha256_bytes
@@ -116,7 +115,7 @@ class QuietServer(ThreadingHTTPServer):
         pass
 
 
-class HostileRegistry:
+class HostileRegistry(LoopbackHTTPServer):
     """The distribution API on loopback, serving what a row put in it and misbehaving where a route says so.
 
     ``manifests`` maps a tag or digest to (bytes, media type), ``blobs`` a digest to bytes; ``route`` installs a
@@ -128,16 +127,11 @@ class HostileRegistry:
         self.blobs: dict[str, bytes] = {}
         self.routes: list[tuple[str, re.Pattern, Handler]] = []
         self.log: list[tuple[str, str]] = []
-        self._httpd = QuietServer(("127.0.0.1", 0), self._handler())
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        self._serve(self._handler(), QuietServer)
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self._httpd.server_address[1]}"
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        return f"127.0.0.1:{self.address[1]}"
 
     def serve(self, model: Model, tag: str = "1") -> str:
         raw = model.raw()

@@ -231,12 +231,13 @@ def conv3x3_auto(x: mx.array, weight: mx.array, bias: mx.array, module: Any,
     return conv3x3(x, weight, bias, module, residual, norm)
 
 
-def _residual(residual: mx.array | None, shape: tuple[int, ...]) -> np.ndarray | None:
-    if residual is None:
-        return None
-    if tuple(residual.shape) != shape:
+def _conv_io(x: mx.array, bias: mx.array, shape: tuple[int, ...], residual: mx.array | None = None):  # noqa: ANN202
+    """What every convolution kernel starts from: ``x`` and ``bias`` as numpy, a fresh MLX output of ``shape``
+    with its writable view, and ``residual`` (which must have that shape) as numpy, or None."""
+    if residual is not None and tuple(residual.shape) != shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} != output shape {shape}")
-    return _read(residual)
+    out, view = _output(shape)
+    return _read(x), np.asarray(bias, dtype=np.float32), out, view, None if residual is None else _read(residual)
 
 
 def conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any, residual: mx.array | None = None,
@@ -245,10 +246,7 @@ def conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any, residual
     wmat = _cached(module, weight, _direct_weights)
     b, h, w, cin = x.shape
     cout = wmat.shape[1]
-    xs = _read(x)
-    bias_np = np.asarray(bias, dtype=np.float32)
-    out, view = _output((b, h, w, cout))
-    skip = _residual(residual, (b, h, w, cout))
+    xs, bias_np, out, view, skip = _conv_io(x, bias, (b, h, w, cout), residual)
     rows = _band_rows(h, w, 9 * cin)
     wp = w + 2
     scratch = Scratch()
@@ -275,9 +273,7 @@ def upsample_conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any)
     phases = _cached(module, weight, _phase_weights)
     b, h, w, cin = x.shape
     cout = phases[0, 0].shape[1]
-    xs = _read(x)
-    bias_np = np.asarray(bias, dtype=np.float32)
-    out, view = _output((b, 2 * h, 2 * w, cout))
+    xs, bias_np, out, view, _ = _conv_io(x, bias, (b, 2 * h, 2 * w, cout))
     rows = _band_rows(h, w, 4 * cin)
     wp = w + 2
     scratch = Scratch()
@@ -331,10 +327,7 @@ def winograd_conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any,
     u = _cached(module, weight, _winograd_weights)
     b, h, w, cin = x.shape
     cout = u.shape[2]
-    xs = _read(x)
-    bias_np = np.asarray(bias, dtype=np.float32)
-    out, view = _output((b, h, w, cout))
-    skip = _residual(residual, (b, h, w, cout))
+    xs, bias_np, out, view, skip = _conv_io(x, bias, (b, h, w, cout), residual)
     tx = (w + 1) // 2
     # V (16 x tiles x Cin) and M (16 x tiles x Cout) per band of tile rows, a band per worker in flight.
     workers = _workers()
