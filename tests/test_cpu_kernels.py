@@ -78,6 +78,86 @@ def test_half_precision_inputs_and_norms_are_widened() -> None:
     np.testing.assert_allclose(np.array(got), want, atol=2e-2)
 
 
+def softmax_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
+                      bias: np.ndarray | None = None) -> np.ndarray:
+    """Attention in float64 with the row maximum subtracted."""
+    scores = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64), k.astype(np.float64)) * scale
+    if bias is not None:
+        scores = scores + bias
+    scores -= scores.max(axis=-1, keepdims=True)
+    weights = np.exp(scores)
+    weights /= weights.sum(axis=-1, keepdims=True)
+    return np.einsum("bhqk,bhkd->bhqd", weights, v.astype(np.float64))
+
+
+@pytest.mark.parametrize("threads", ["", "1"])
+@pytest.mark.parametrize("magnitude", [0.2, 1.0, 40.0])
+def test_attention_softmax_is_exact_whether_or_not_the_row_maximum_is_skipped(
+        monkeypatch: pytest.MonkeyPatch, threads: str, magnitude: float) -> None:
+    """Small scores skip the max subtraction (bounded by the rows' norms); at 40x the scores reach the
+    thousands, where exp would overflow without it: both must give the same softmax."""
+    monkeypatch.setenv(cpu_pool.THREADS_ENV, threads)
+    rng = np.random.default_rng(21)
+    q, k, v = (rng.standard_normal((2, 3, 45, 16), dtype=np.float32) * np.float32(magnitude) for _ in range(3))
+    got = np.array(backend.attention_arrays(q, k, v, 0.25))
+    want = softmax_reference(q, k, v, 0.25)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5 * magnitude)
+
+
+def test_attention_with_an_additive_mask_always_subtracts_the_maximum() -> None:
+    """An additive mask can raise scores past any bound the norms give: +200 on one key per row must not
+    overflow exp."""
+    rng = np.random.default_rng(22)
+    q, k, v = (rng.standard_normal((1, 2, 20, 8), dtype=np.float32) for _ in range(3))
+    bias = np.zeros((1, 1, 20, 20), np.float32)
+    bias[..., 3] = 200.0
+    got = np.array(backend.attention_arrays(q, k, v, 0.3, bias))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, softmax_reference(q, k, v, 0.3, bias), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("n_q", "n_k"), [(1056, 1056), (4128, 4128), (7, 7), (640, 10), (20000, 16416)])
+def test_attention_rows_split_queries_evenly_within_the_memory_cap(n_q: int, n_k: int) -> None:
+    rows = backend._attention_rows(n_q, n_k)
+    blocks = -(-n_q // rows)
+    assert rows * n_k <= max(8 * n_k, backend.ATTENTION_BLOCK_FLOATS)
+    assert rows == n_q or rows % 8 == 0
+    assert blocks * rows - n_q < 8 * blocks  # no ragged last block beyond rounding to 8 rows
+    assert rows <= max(backend.ATTENTION_ROWS, n_q // blocks + 8)
+
+
+@pytest.mark.parametrize("threads", ["", "1"])
+@pytest.mark.parametrize("shape", [(1, 70, 48), (2, 9, 40), (300, 24)])
+def test_rms_norm_matches_mlx(monkeypatch: pytest.MonkeyPatch, threads: str, shape: tuple[int, ...]) -> None:
+    monkeypatch.setenv(cpu_pool.THREADS_ENV, threads)
+    monkeypatch.setattr(backend, "RMS_NORM_MIN_SIZE", 0)
+    monkeypatch.setattr(backend, "split_work", lambda total, minimum: cpu_pool.spans(total, 4))  # ragged bands
+    x = random(shape, 31, 3.0) + 0.5
+    norm = backend.RMSNorm(shape[-1], eps=1e-5)
+    norm.weight = random((shape[-1],), 32)
+    got = norm(x)
+    assert got.shape == x.shape and got.dtype == mx.float32
+    np.testing.assert_allclose(np.array(got), np.array(mx.fast.rms_norm(x, norm.weight, 1e-5)), rtol=1e-5,
+                               atol=1e-5)
+    assert np.array(x).mean() == pytest.approx(np.array(random(shape, 31, 3.0) + 0.5).mean())  # input untouched
+
+
+@pytest.mark.parametrize("threads", ["", "1"])
+def test_modulated_layer_norm_matches_mlx(monkeypatch: pytest.MonkeyPatch, threads: str) -> None:
+    monkeypatch.setenv(cpu_pool.THREADS_ENV, threads)
+    monkeypatch.setattr(backend, "RMS_NORM_MIN_SIZE", 0)
+    monkeypatch.setattr(backend, "split_work", lambda total, minimum: cpu_pool.spans(total, 3))
+    x = random((2, 67, 40), 41, 5.0) + 2.0  # a large mean: the two-pass variance must not lose it
+    scale, shift = random((2, 1, 40), 42), random((2, 1, 40), 43)
+    got = backend.modulated_layer_norm(x, 1e-6, scale, shift)
+    want = mx.fast.layer_norm(x, None, None, 1e-6) * (1 + scale) + shift
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=2e-5)
+    monkeypatch.setenv(backend.NUMPY_KERNELS_ENV, "0")
+    np.testing.assert_allclose(np.array(backend.modulated_layer_norm(x, 1e-6, scale, shift)), np.array(want),
+                               atol=1e-6)
+
+
 def test_run_all_spreads_jobs_and_reraises() -> None:
     if cpu_pool.worker_count() < 2:
         pytest.skip("one CPU: every job runs in the caller")

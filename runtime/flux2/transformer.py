@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from imgpack.architectures.flux2 import TRANSFORMER_DEFAULTS, with_defaults
-from imgpack.runtime.backend import mx, nn, silu
+from imgpack.runtime.backend import modulated_layer_norm, mx, nn, silu
 from imgpack.runtime.common.attention import rope_attention
 from imgpack.runtime.common.timestep import timestep_features
 from imgpack.schemas.errors import ImgpackError
@@ -213,7 +213,7 @@ class DoubleStreamBlock(nn.Module):
         self.ff_context = FeedForward(cfg.dim, cfg.mlp_dim)
 
     def norm(self, x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
-        return mx.fast.layer_norm(x, None, None, self.eps) * (1 + scale) + shift
+        return modulated_layer_norm(x, self.eps, scale, shift)
 
     def __call__(
         self, x: mx.array, c: mx.array, mod_img: list[mx.array], mod_txt: list[mx.array], cos: mx.array, sin: mx.array
@@ -261,7 +261,7 @@ class SingleStreamBlock(nn.Module):
 
     def __call__(self, z: mx.array, mod: list[mx.array], cos: mx.array, sin: mx.array) -> mx.array:
         shift, scale, gate = mod
-        normed = mx.fast.layer_norm(z, None, None, self.eps) * (1 + scale) + shift
+        normed = modulated_layer_norm(z, self.eps, scale, shift)
         return z + gate * self.attn(normed, cos, sin)
 
 
@@ -275,7 +275,7 @@ class OutputNorm(nn.Module):
 
     def __call__(self, x: mx.array, temb: mx.array) -> mx.array:
         scale, shift = mx.split(self.linear(nn.silu(temb))[:, None], 2, axis=-1)
-        return mx.fast.layer_norm(x, None, None, self.eps) * (1 + scale) + shift
+        return modulated_layer_norm(x, self.eps, scale, shift)
 
 
 class Flux2Transformer(nn.Module):

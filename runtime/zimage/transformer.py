@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from imgpack.architectures.zimage import ADALN_EMBED_DIM, FREQUENCY_EMBEDDING_SIZE, TIMESTEP_MID_SIZE
-from imgpack.runtime.backend import mx, nn, silu
+from imgpack.runtime.backend import RMSNorm, mx, nn, silu
 from imgpack.runtime.common.attention import rope_attention
 from imgpack.runtime.common.timestep import timestep_features
 from imgpack.schemas.errors import ImgpackError
@@ -157,10 +157,10 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.attention = Attention(cfg)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
-        self.attention_norm1 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attention_norm2 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.ffn_norm1 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.ffn_norm2 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention_norm1 = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention_norm2 = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn_norm1 = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn_norm2 = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.modulated = modulated
         if modulated:
             self.adaLN_modulation = nn.Linear(cfg.adaln_dim, 4 * cfg.dim)
