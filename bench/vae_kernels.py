@@ -64,7 +64,7 @@ def main() -> None:
             kernels = [vae_kernels.upsample_conv3x3] if kind == "up" else [vae_kernels.conv3x3,
                                                                             vae_kernels.winograd_conv3x3]
             for name, kernel in zip(("im2col", "winograd"), kernels, strict=False):
-                cells[name] = median_time(partial(kernel, x, conv.weight, conv.bias, conv), args.repeats)
+                cells[name] = median_time(partial(kernel, x, conv.weight, conv.bias), args.repeats)
             row = " ".join(f"{f'{t:.2f}/{gflop / t:.0f}':>12}" for t in cells.values())
             print(f"{size:>5} {kind:<5}{f'{side}x{side}':>10} {cin:>4}->{cout:<4} {gflop:>7.1f}  {row}", flush=True)
 

@@ -10,7 +10,7 @@ import pytest
 from imgpack.runtime import cpu_pool
 from imgpack.runtime.backend import mx
 from imgpack.runtime.common import autoencoder, vae_kernels
-from imgpack.runtime.common.autoencoder import Conv3x3, GroupNorm, Upsample, VAEConfig, VAEDecoder
+from imgpack.runtime.common.autoencoder import Conv3x3, GroupNorm, ResnetBlock, Upsample, VAEConfig, VAEDecoder
 
 pytestmark = pytest.mark.skipif(not vae_kernels.fast_conv(mx.zeros((1,))), reason="the kernels are CPU-only")
 
@@ -44,7 +44,7 @@ def test_conv3x3_matches_mlx(shape: tuple[int, ...], kernel: Callable) -> None:
     conv = conv_module(cin, cout, 1)
     x = random((b, h, w, cin), 2)
     expected = mx.conv2d(x, conv.weight, padding=1) + conv.bias
-    assert rel_err(kernel(x, conv.weight, conv.bias, conv), expected) < 1e-5
+    assert rel_err(kernel(x, conv.weight, conv.bias), expected) < 1e-5
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -54,7 +54,7 @@ def test_upsample_conv_matches_mlx(shape: tuple[int, ...]) -> None:
     x = random((b, h, w, cin), 4)
     up = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, cin)).reshape(b, 2 * h, 2 * w, cin)
     expected = mx.conv2d(up, conv.weight, padding=1) + conv.bias
-    assert rel_err(vae_kernels.upsample_conv3x3(x, conv.weight, conv.bias, conv), expected) < 1e-5
+    assert rel_err(vae_kernels.upsample_conv3x3(x, conv.weight, conv.bias), expected) < 1e-5
 
 
 @pytest.mark.parametrize("threads", ["", "1"])
@@ -70,9 +70,9 @@ def test_banded_edges(monkeypatch: pytest.MonkeyPatch, rows: int, threads: str) 
     expected_up = mx.conv2d(up, conv.weight, padding=1) + conv.bias
     monkeypatch.setattr(vae_kernels, "BAND_FLOATS", rows * (19 + 2) * 9 * 8)  # (w + 2) x 9 Cin floats a row
     monkeypatch.setattr(vae_kernels, "WINOGRAD_BAND_FLOATS", rows * 16 * 10 * (8 + 12))  # 16 x tiles x (Cin + Cout)
-    assert rel_err(vae_kernels.conv3x3(x, conv.weight, conv.bias, conv), expected) < 1e-5
-    assert rel_err(vae_kernels.winograd_conv3x3(x, conv.weight, conv.bias, conv), expected) < 1e-5
-    assert rel_err(vae_kernels.upsample_conv3x3(x, conv.weight, conv.bias, conv), expected_up) < 1e-5
+    assert rel_err(vae_kernels.conv3x3(x, conv.weight, conv.bias), expected) < 1e-5
+    assert rel_err(vae_kernels.winograd_conv3x3(x, conv.weight, conv.bias), expected) < 1e-5
+    assert rel_err(vae_kernels.upsample_conv3x3(x, conv.weight, conv.bias), expected_up) < 1e-5
 
 
 @pytest.mark.parametrize("kernel", CONVS, ids=lambda k: k.__name__)
@@ -80,10 +80,39 @@ def test_residual_is_added_to_the_output(kernel: Callable) -> None:
     """The ResNet skip folded into the convolution's last pass: exactly conv + bias, then + residual."""
     conv = conv_module(8, 6, 21)
     x, skip = random((2, 7, 5, 8), 22), random((2, 7, 5, 6), 23)
-    plain = kernel(x, conv.weight, conv.bias, conv)
-    assert np.array_equal(np.array(kernel(x, conv.weight, conv.bias, conv, skip)), np.array(plain + skip))
+    plain = kernel(x, conv.weight, conv.bias)
+    assert np.array_equal(np.array(kernel(x, conv.weight, conv.bias, skip)), np.array(plain + skip))
     with pytest.raises(ValueError, match=r"residual shape \(2, 7, 5, 8\) != output shape \(2, 7, 5, 6\)"):
-        kernel(x, conv.weight, conv.bias, conv, x)
+        kernel(x, conv.weight, conv.bias, x)
+
+
+@pytest.mark.parametrize("kernel", CONVS, ids=lambda k: k.__name__)
+def test_sum_written_over_an_owned_residual(kernel: Callable) -> None:
+    """``into_residual``: the same sum as a fresh output, in the residual's own buffer (no new activation)."""
+    conv = conv_module(8, 6, 24)
+    x = random((2, 9, 5, 8), 25)
+    skip_values = np.random.default_rng(26).standard_normal((2, 9, 5, 6), dtype=np.float32)
+    fresh = np.array(kernel(x, conv.weight, conv.bias, mx.array(skip_values)))
+    skip = mx.array(skip_values) * 1.0  # a computed array, as a shortcut conv's output is
+    mx.eval(skip)
+    out = kernel(x, conv.weight, conv.bias, skip, None, True)
+    assert out is skip
+    np.testing.assert_allclose(np.array(out), fresh, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(np.array(skip), skip_values)  # the residual's buffer now holds the sum
+
+
+def test_resnet_with_a_shortcut_matches_mlx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The block whose shortcut output is overwritten by the sum: the same result as MLX's own ops."""
+    block = ResnetBlock(8, 4, 2)
+    for name in ("norm1", "norm2"):
+        getattr(block, name).weight = random((8 if name == "norm1" else 4,), 27) + 1.0
+    block.conv1.weight, block.conv2.weight = random((4, 3, 3, 8), 28, 0.2), random((4, 3, 3, 4), 29, 0.2)
+    block.conv_shortcut.weight = random((4, 1, 1, 8), 30)
+    x = random((1, 6, 7, 8), 31)
+    fast = np.array(block(x))
+    monkeypatch.setenv(vae_kernels.FAST_CONV_ENV, "0")
+    slow = np.array(block(x))
+    np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)
 
 
 def test_numpy_blas_threads_restored_after_a_parallel_run() -> None:
@@ -93,28 +122,28 @@ def test_numpy_blas_threads_restored_after_a_parallel_run() -> None:
         pytest.skip("numpy's BLAS thread count cannot be set here, or one CPU")
     before = calls[0]()
     conv = conv_module(8, 8, 24)
-    vae_kernels.conv3x3(random((1, 40, 9, 8), 25), conv.weight, conv.bias, conv)
+    vae_kernels.conv3x3(random((1, 40, 9, 8), 25), conv.weight, conv.bias)
     assert calls[0]() == before
 
 
-def test_weight_cache_follows_replaced_weights() -> None:
-    """Each weight layout is cached per module and kernel, and rebuilt when the weight array is replaced."""
+def test_replaced_weights_are_used() -> None:
+    """Weight layouts are built per call from the module's current weight (a load, an update)."""
     conv = conv_module(4, 4, 7)
     x = random((1, 5, 5, 4), 8)
     for kernel in (*CONVS, vae_kernels.upsample_conv3x3):
-        kernel(x, conv.weight, conv.bias, conv)
+        kernel(x, conv.weight, conv.bias)
     conv.weight = random((4, 3, 3, 4), 9)
     expected = mx.conv2d(x, conv.weight, padding=1) + conv.bias
     for kernel in CONVS:
-        assert rel_err(kernel(x, conv.weight, conv.bias, conv), expected) < 1e-5
+        assert rel_err(kernel(x, conv.weight, conv.bias), expected) < 1e-5
 
 
 def test_outputs_are_fresh_buffers() -> None:
     """Results are written into MLX buffers of their own: a second call never aliases the first's."""
     conv = conv_module(4, 4, 10)
-    a = vae_kernels.conv3x3(random((1, 6, 6, 4), 11), conv.weight, conv.bias, conv)
+    a = vae_kernels.conv3x3(random((1, 6, 6, 4), 11), conv.weight, conv.bias)
     before = np.array(a)
-    vae_kernels.conv3x3(random((1, 6, 6, 4), 12), conv.weight, conv.bias, conv)
+    vae_kernels.conv3x3(random((1, 6, 6, 4), 12), conv.weight, conv.bias)
     assert np.array_equal(np.array(a), before)
 
 
@@ -184,7 +213,7 @@ def test_norm_folded_into_the_convolution(monkeypatch: pytest.MonkeyPatch, kerne
     conv = conv_module(32, 16, 28)
     x = random((2, 13, 9, 32), 29, 2.0) + 5.0
     stored = vae_kernels.group_norm_silu(x, norm.weight, norm.bias, norm.groups, norm.eps)
-    expected = kernel(stored, conv.weight, conv.bias, conv)
+    expected = kernel(stored, conv.weight, conv.bias)
     pre = vae_kernels.prenorm(x, norm.weight, norm.bias, norm.groups, norm.eps)
-    assert rel_err(kernel(x, conv.weight, conv.bias, conv, None, pre), expected) < 1e-5
+    assert rel_err(kernel(x, conv.weight, conv.bias, None, pre), expected) < 1e-5
     assert rel_err(conv(x, norm=norm), expected) < 1e-5

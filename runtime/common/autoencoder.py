@@ -111,13 +111,15 @@ class Conv3x3(nn.Module):
         self.weight = mx.random.uniform(-scale, scale, (out_ch, 3, 3, in_ch))
         self.bias = mx.zeros((out_ch,))
 
-    def __call__(self, x: mx.array, residual: mx.array | None = None, norm: GroupNorm | None = None) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array | None = None, norm: GroupNorm | None = None,
+                 into_residual: bool = False) -> mx.array:
         """The convolution of ``silu(norm(x))`` (of ``x`` without ``norm``), plus ``residual`` (the output's
         shape) when given. On CPU the norm and SiLU are applied band by band as the convolution reads its input,
-        so the normalised activation is never stored whole."""
+        so the normalised activation is never stored whole; with ``into_residual`` (the caller holds the only
+        reference to ``residual``) the sum is written over the residual's buffer instead of a new one."""
         if vae_kernels.fast_conv(x, self.weight, *(() if norm is None else (norm.weight,))):
             pre = None if norm is None else vae_kernels.prenorm(x, norm.weight, norm.bias, norm.groups, norm.eps)
-            return vae_kernels.conv3x3_auto(x, self.weight, self.bias, self, residual, pre)
+            return vae_kernels.conv3x3_auto(x, self.weight, self.bias, residual, pre, into_residual)
         out = self._banded(x if norm is None else silu(norm(x)))
         return out if residual is None else residual + out
 
@@ -152,7 +154,8 @@ class ResnetBlock(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         skip = pointwise(self.conv_shortcut, x) if self.has_shortcut else x
         h = self.conv1(x, norm=self.norm1)
-        return self.conv2(h, residual=skip, norm=self.norm2)
+        # A shortcut's output is this block's own: the sum overwrites it (a full activation less at the peak).
+        return self.conv2(h, residual=skip, norm=self.norm2, into_residual=self.has_shortcut)
 
 
 class AttentionBlock(nn.Module):
@@ -181,7 +184,7 @@ class Upsample(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if vae_kernels.fast_conv(x, self.conv.weight):
-            return vae_kernels.upsample_conv3x3(x, self.conv.weight, self.conv.bias, self.conv)
+            return vae_kernels.upsample_conv3x3(x, self.conv.weight, self.conv.bias)
         b, h, w, c = x.shape
         x = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, h * 2, w * 2, c)
         return self.conv(x)
@@ -193,11 +196,14 @@ class UpBlock(nn.Module):
         self.resnets = [ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(n_resnets)]
         self.upsamplers = [Upsample(out_ch)] if upsample else []
 
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The block's layers in order, each taking and returning one activation."""
+        return [*self.resnets, *self.upsamplers]
+
     def __call__(self, x: mx.array) -> mx.array:
-        for resnet in self.resnets:
-            x = resnet(x)
-        for up in self.upsamplers:
-            x = up(x)
+        for layer in self.layers:
+            x = layer(x)
         return x
 
 
@@ -233,7 +239,10 @@ class Decoder(nn.Module):
     def __call__(self, z: mx.array) -> mx.array:
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
-            x = block(x)
+            # Layer by layer rather than ``block(x)``, which would keep the block's input alive here through all
+            # its layers: at 1024x1024 the last block's input is a 1 GiB activation no layer after the first needs.
+            for layer in block.layers:
+                x = layer(x)
             mx.eval(x)  # keep the graph, and so the live activations, to one block
             release_free_memory()
         return self.conv_out(x, norm=self.conv_norm_out)

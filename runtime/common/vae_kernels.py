@@ -28,13 +28,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from imgpack.runtime.backend import _writable_view, is_cpu, mx
 from imgpack.runtime.cpu_pool import Scratch, blas_in_workers, run_all, split_work, worker_count
+
+T = TypeVar("T")
 
 FAST_CONV_ENV = "IMGPACK_FAST_CONV"
 #: Floats in one band's im2col buffer (x4 bytes): 9 x 4 M, the same bound as the MLX path's banding.
@@ -73,13 +75,10 @@ def _read(x: mx.array) -> np.ndarray:
     return np.asarray(x)
 
 
-def _cached(module: Any, weight: mx.array, build: Any) -> Any:
-    """numpy weight layouts, rebuilt only when the module's weight array is replaced (a load, an update)."""
-    caches = module.__dict__.setdefault("_vae_kernel_cache", {})
-    cache = caches.get(build.__name__)
-    if cache is None or cache[0] is not weight:
-        cache = caches[build.__name__] = (weight, build(np.asarray(weight, dtype=np.float32)))
-    return cache[1]
+def _layout(weight: mx.array, build: Callable[[np.ndarray], T]) -> T:
+    """A numpy weight layout for one call. Not cached: building all of a decoder's takes ~0.15 s, while keeping
+    them (Winograd's are 16/9 the weights' size) would hold ~0.6 GB of a FLUX VAE for the process' life."""
+    return build(np.asarray(weight, dtype=np.float32))
 
 
 def _torch_order(w: np.ndarray) -> np.ndarray:
@@ -214,39 +213,54 @@ def _workers() -> int:
 
 
 def _finish(res: np.ndarray, bias: np.ndarray, dest: np.ndarray, residual: np.ndarray | None) -> None:
-    """``dest = res + bias (+ residual)``: the convolution's last pass, with the ResNet skip folded in."""
+    """``dest = res + bias (+ residual)``: the convolution's last pass, with the ResNet skip folded in (added in
+    place when ``dest`` is the residual's own memory)."""
+    if residual is not None and np.may_share_memory(dest, residual):
+        dest += res
+        dest += bias
+        return
     np.add(res, bias, out=dest)
     if residual is not None:
         dest += residual
 
 
-def conv3x3_auto(x: mx.array, weight: mx.array, bias: mx.array, module: Any,
-                 residual: mx.array | None = None, norm: Prenorm | None = None) -> mx.array:
+def conv3x3_auto(x: mx.array, weight: mx.array, bias: mx.array,
+                 residual: mx.array | None = None, norm: Prenorm | None = None,
+                 into_residual: bool = False) -> mx.array:
     """The faster formulation for the shape: Winograd from ``WINOGRAD_MIN_CIN`` input channels (where its
     transforms are cheap next to the matmuls), im2col below (the narrowest layers, where K = 9*Cin keeps sgemm
     busy).
-    ``residual`` (the output's shape) is added to the result; ``norm`` is applied to ``x`` first."""
+    ``residual`` (the output's shape) is added to the result, written over the residual's own buffer with
+    ``into_residual`` (the caller's promise that nothing else holds it); ``norm`` is applied to ``x`` first."""
     if x.shape[-1] >= WINOGRAD_MIN_CIN:
-        return winograd_conv3x3(x, weight, bias, module, residual, norm)
-    return conv3x3(x, weight, bias, module, residual, norm)
+        return winograd_conv3x3(x, weight, bias, residual, norm, into_residual)
+    return conv3x3(x, weight, bias, residual, norm, into_residual)
 
 
-def _conv_io(x: mx.array, bias: mx.array, shape: tuple[int, ...], residual: mx.array | None = None):  # noqa: ANN202
-    """What every convolution kernel starts from: ``x`` and ``bias`` as numpy, a fresh MLX output of ``shape``
-    with its writable view, and ``residual`` (which must have that shape) as numpy, or None."""
+def _conv_io(x: mx.array, bias: mx.array, shape: tuple[int, ...], residual: mx.array | None = None,  # noqa: ANN202
+             into_residual: bool = False):
+    """What every convolution kernel starts from: ``x`` and ``bias`` as numpy, the MLX output of ``shape`` (fresh,
+    or ``residual`` itself with ``into_residual`` where its buffer is writable) with its writable view, and
+    ``residual`` (which must have that shape) as numpy, or None."""
     if residual is not None and tuple(residual.shape) != shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} != output shape {shape}")
-    out, view = _output(shape)
-    return _read(x), np.asarray(bias, dtype=np.float32), out, view, None if residual is None else _read(residual)
+    xs, bias_np = _read(x), np.asarray(bias, dtype=np.float32)
+    if residual is None:
+        return xs, bias_np, *_output(shape), None
+    skip = _read(residual)
+    view = _writable_view(residual) if into_residual else None
+    if view is not None:
+        return xs, bias_np, residual, view, view
+    return xs, bias_np, *_output(shape), skip
 
 
-def conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any, residual: mx.array | None = None,
-            norm: Prenorm | None = None) -> mx.array:
+def conv3x3(x: mx.array, weight: mx.array, bias: mx.array, residual: mx.array | None = None,
+            norm: Prenorm | None = None, into_residual: bool = False) -> mx.array:
     """3x3 stride-1 'same' convolution of NHWC ``x`` with MLX-layout ``weight`` (Cout, 3, 3, Cin), im2col."""
-    wmat = _cached(module, weight, _direct_weights)
+    wmat = _layout(weight, _direct_weights)
     b, h, w, cin = x.shape
     cout = wmat.shape[1]
-    xs, bias_np, out, view, skip = _conv_io(x, bias, (b, h, w, cout), residual)
+    xs, bias_np, out, view, skip = _conv_io(x, bias, (b, h, w, cout), residual, into_residual)
     rows = _band_rows(h, w, 9 * cin)
     wp = w + 2
     scratch = Scratch()
@@ -268,9 +282,9 @@ def conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any, residual
     return out
 
 
-def upsample_conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any) -> mx.array:
+def upsample_conv3x3(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
     """``conv3x3(nearest_upsample_x2(x))`` without the upsampled tensor: four 2x2 phase convolutions of ``x``."""
-    phases = _cached(module, weight, _phase_weights)
+    phases = _layout(weight, _phase_weights)
     b, h, w, cin = x.shape
     cout = phases[0, 0].shape[1]
     xs, bias_np, out, view, _ = _conv_io(x, bias, (b, 2 * h, 2 * w, cout))
@@ -320,14 +334,15 @@ def _input_transform(rows: list[np.ndarray], out: list[np.ndarray]) -> None:
     np.subtract(d1, d3, out=out[3])
 
 
-def winograd_conv3x3(x: mx.array, weight: mx.array, bias: mx.array, module: Any,
-                     residual: mx.array | None = None, norm: Prenorm | None = None) -> mx.array:
+def winograd_conv3x3(x: mx.array, weight: mx.array, bias: mx.array,
+                     residual: mx.array | None = None, norm: Prenorm | None = None,
+                     into_residual: bool = False) -> mx.array:
     """3x3 stride-1 'same' convolution as Winograd F(2x2, 3x3): 2.25x fewer multiply-adds than direct, the 16
     products per tile being 16 matmuls ``[tiles, Cin] x [Cin, Cout]``; the transforms are adds and subtracts."""
-    u = _cached(module, weight, _winograd_weights)
+    u = _layout(weight, _winograd_weights)
     b, h, w, cin = x.shape
     cout = u.shape[2]
-    xs, bias_np, out, view, skip = _conv_io(x, bias, (b, h, w, cout), residual)
+    xs, bias_np, out, view, skip = _conv_io(x, bias, (b, h, w, cout), residual, into_residual)
     tx = (w + 1) // 2
     # V (16 x tiles x Cin) and M (16 x tiles x Cout) per band of tile rows, a band per worker in flight.
     workers = _workers()
