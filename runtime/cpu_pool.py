@@ -11,6 +11,7 @@ thread count can be set, work that uses BLAS runs in the caller, with BLAS' own 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
@@ -49,8 +50,8 @@ def worker_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _numpy_blas_calls() -> tuple[Callable[[], int], Callable[[int], None]] | None:
-    """The thread-count calls of the OpenBLAS numpy itself loaded (found in this process' maps), if any."""
+def _numpy_blas_libraries() -> list[ctypes.CDLL]:
+    """The OpenBLAS libraries numpy itself loaded (found in this process' maps)."""
     import numpy as np
 
     package = Path(np.__file__).resolve().parent
@@ -59,16 +60,20 @@ def _numpy_blas_calls() -> tuple[Callable[[], int], Callable[[int], None]] | Non
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
-        return None
+        return []
     fields = (line.split(maxsplit=5) for line in maps.splitlines())
     paths = sorted({f[5] for f in fields if len(f) == 6 and "openblas" in Path(f[5]).name.lower()})
+    libraries = []
     for path in paths:
-        if not path.startswith(roots):
-            continue
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
+        if path.startswith(roots):
+            with contextlib.suppress(OSError):
+                libraries.append(ctypes.CDLL(path))
+    return libraries
+
+
+def _numpy_blas_calls() -> tuple[Callable[[], int], Callable[[int], None]] | None:
+    """The thread-count calls of numpy's OpenBLAS, if any."""
+    for lib in _numpy_blas_libraries():
         for get_name, set_name in _THREAD_CALLS:
             getter, setter = getattr(lib, get_name, None), getattr(lib, set_name, None)
             if getter is not None and setter is not None:
@@ -76,6 +81,74 @@ def _numpy_blas_calls() -> tuple[Callable[[], int], Callable[[int], None]] | Non
                 setter.argtypes, setter.restype = [ctypes.c_int], None
                 return getter, setter
     return None
+
+
+#: numpy's OpenBLAS ``cblas_sgemm`` as its wheels name it, with the integer width of its arguments.
+_SGEMM_NAMES = (("scipy_cblas_sgemm64_", ctypes.c_int64), ("scipy_cblas_sgemm", ctypes.c_int),
+                ("cblas_sgemm64_", ctypes.c_int64), ("cblas_sgemm", ctypes.c_int))
+_sgemm: Any = None
+_sgemm_looked_up = False
+
+
+def _numpy_sgemm() -> Any:
+    global _sgemm, _sgemm_looked_up
+    if not _sgemm_looked_up:
+        with _lock:
+            if not _sgemm_looked_up:
+                for lib in _numpy_blas_libraries():
+                    for name, integer in _SGEMM_NAMES:
+                        function = getattr(lib, name, None)
+                        if function is not None:
+                            n, f, p = integer, ctypes.c_float, ctypes.c_void_p
+                            function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, n, n, n, f, p, n, p, n,
+                                                 f, p, n]
+                            function.restype = None
+                            _sgemm = function
+                            break
+                    if _sgemm is not None:
+                        break
+                _sgemm_looked_up = True
+    return _sgemm
+
+
+def can_accumulate() -> bool:
+    """Whether ``matmul_into`` may accumulate (numpy's BLAS is an OpenBLAS whose sgemm is reachable)."""
+    return _numpy_sgemm() is not None
+
+
+def _blas_layout(a: Any, what: str) -> tuple[int, int]:
+    """(CblasNoTrans or CblasTrans, leading dimension) for a float32 2-D array with one unit-stride axis."""
+    item = a.itemsize
+    if a.strides[1] == item and a.strides[0] % item == 0 and a.strides[0] >= item * max(1, a.shape[1]):
+        return 111, a.strides[0] // item
+    if a.strides[0] == item and a.strides[1] % item == 0 and a.strides[1] >= item * max(1, a.shape[0]):
+        return 112, a.strides[1] // item
+    raise ValueError(f"{what}: strides {a.strides} are not a BLAS layout")
+
+
+def matmul_into(a: Any, b: Any, out: Any, accumulate: bool) -> None:
+    """``out = a @ b``, or ``out += a @ b`` with ``accumulate`` (sgemm's beta = 1, no temporary), for float32 2-D
+    numpy arrays in any BLAS layout (rows or columns unit-stride, any pitch); ``out``'s rows must be unit-stride.
+    Without ``can_accumulate`` it falls back to numpy with a temporary."""
+    import numpy as np
+
+    (m, k), (k2, n) = a.shape, b.shape
+    if k != k2 or out.shape != (m, n) or not a.dtype == b.dtype == out.dtype == np.float32:
+        raise ValueError(f"matmul_into: {a.shape} {a.dtype} @ {b.shape} {b.dtype} into {out.shape} {out.dtype}")
+    sgemm = _numpy_sgemm()
+    if sgemm is None:
+        if accumulate:
+            out += a @ b
+        else:
+            np.matmul(a, b, out=out)
+        return
+    trans_a, lda = _blas_layout(a, "a")
+    trans_b, ldb = _blas_layout(b, "b")
+    order_c, ldc = _blas_layout(out, "out")
+    if order_c != 111:
+        raise ValueError("matmul_into: out's rows must be unit-stride")
+    sgemm(101, trans_a, trans_b, m, n, k, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb,
+          1.0 if accumulate else 0.0, out.ctypes.data, ldc)
 
 
 def _blas_calls() -> tuple[Callable[[], int], Callable[[int], None]] | None:

@@ -34,7 +34,7 @@ def conv_module(cin: int, cout: int, seed: int) -> Conv3x3:
     return conv
 
 
-CONVS = [vae_kernels.conv3x3, vae_kernels.winograd_conv3x3, vae_kernels.conv3x3_auto]
+CONVS = [vae_kernels.conv3x3, vae_kernels.winograd_conv3x3, vae_kernels.shifted_conv3x3, vae_kernels.conv3x3_auto]
 
 
 @pytest.mark.parametrize("kernel", CONVS, ids=lambda k: k.__name__)
@@ -70,8 +70,10 @@ def test_banded_edges(monkeypatch: pytest.MonkeyPatch, rows: int, threads: str) 
     expected_up = mx.conv2d(up, conv.weight, padding=1) + conv.bias
     monkeypatch.setattr(vae_kernels, "BAND_FLOATS", rows * (19 + 2) * 9 * 8)  # (w + 2) x 9 Cin floats a row
     monkeypatch.setattr(vae_kernels, "WINOGRAD_BAND_FLOATS", rows * 16 * 10 * (8 + 12))  # 16 x tiles x (Cin + Cout)
+    monkeypatch.setattr(vae_kernels, "SHIFTED_BAND_PIXELS", rows * (19 + 2))
     assert rel_err(vae_kernels.conv3x3(x, conv.weight, conv.bias), expected) < 1e-5
     assert rel_err(vae_kernels.winograd_conv3x3(x, conv.weight, conv.bias), expected) < 1e-5
+    assert rel_err(vae_kernels.shifted_conv3x3(x, conv.weight, conv.bias), expected) < 1e-5
     assert rel_err(vae_kernels.upsample_conv3x3(x, conv.weight, conv.bias), expected_up) < 1e-5
 
 
@@ -113,6 +115,43 @@ def test_resnet_with_a_shortcut_matches_mlx(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv(vae_kernels.FAST_CONV_ENV, "0")
     slow = np.array(block(x))
     np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("cin", "cout", "expected"), [
+    (16, 512, "conv3x3"), (64, 64, "shifted_conv3x3"), (128, 3, "shifted_conv3x3"), (256, 128, "winograd_conv3x3"),
+    (256, 256, "winograd_conv3x3"), (512, 512, "winograd_conv3x3"),
+])
+def test_auto_picks_the_measured_formulation(monkeypatch: pytest.MonkeyPatch, cin: int, cout: int,
+                                              expected: str) -> None:
+    called = []
+    for name in ("conv3x3", "shifted_conv3x3", "winograd_conv3x3"):
+        monkeypatch.setattr(vae_kernels, name, lambda *a, name=name: called.append(name))
+    vae_kernels.conv3x3_auto(mx.zeros((1, 4, 4, cin)), mx.zeros((cout, 3, 3, cin)), mx.zeros((cout,)))
+    assert called == [expected]
+    monkeypatch.setattr(vae_kernels, "can_accumulate", lambda: False)  # no reachable sgemm: Winograd instead
+    called.clear()
+    vae_kernels.conv3x3_auto(mx.zeros((1, 4, 4, cin)), mx.zeros((cout, 3, 3, cin)), mx.zeros((cout,)))
+    assert called == [expected.replace("shifted", "winograd")]
+
+
+@pytest.mark.parametrize("blas", [True, False])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_matmul_into_reads_every_blas_layout(monkeypatch: pytest.MonkeyPatch, accumulate: bool, blas: bool) -> None:
+    """Row- and column-major operands of any pitch (the shifted band rows, a weight's transposed slice), through
+    numpy's sgemm or, where it cannot be reached, numpy's matmul."""
+    if not blas:
+        monkeypatch.setattr(cpu_pool, "_numpy_sgemm", lambda: None)
+    rng = np.random.default_rng(51)
+    big = rng.standard_normal((30, 50), dtype=np.float32)
+    a_rows = big[3:20, 5:16]             # (17, 11), pitch 50
+    b_cols = rng.standard_normal((17, 40), dtype=np.float32)[:, 7:18].T  # (11, 17), columns unit-stride
+    start = rng.standard_normal((17, 17), dtype=np.float32)
+    out = start.copy()
+    cpu_pool.matmul_into(a_rows, b_cols, out, accumulate)
+    want = a_rows.astype(np.float64) @ b_cols.astype(np.float64) + (start if accumulate else 0.0)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="matmul_into"):
+        cpu_pool.matmul_into(a_rows, b_cols[:5], out, accumulate)
 
 
 def test_numpy_blas_threads_restored_after_a_parallel_run() -> None:
@@ -208,6 +247,7 @@ def test_norm_folded_into_the_convolution(monkeypatch: pytest.MonkeyPatch, kerne
     monkeypatch.setenv(cpu_pool.THREADS_ENV, threads)
     monkeypatch.setattr(vae_kernels, "BAND_FLOATS", 3 * (9 + 2) * 9 * 32)
     monkeypatch.setattr(vae_kernels, "WINOGRAD_BAND_FLOATS", 2 * 16 * 5 * (32 + 16))
+    monkeypatch.setattr(vae_kernels, "SHIFTED_BAND_PIXELS", 2 * (9 + 2))
     norm = GroupNorm(32, 8)
     norm.weight, norm.bias = random((32,), 26) + 1.0, random((32,), 27)
     conv = conv_module(32, 16, 28)

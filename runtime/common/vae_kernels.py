@@ -34,7 +34,15 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from imgpack.runtime.backend import _writable_view, is_cpu, mx
-from imgpack.runtime.cpu_pool import Scratch, blas_in_workers, run_all, split_work, worker_count
+from imgpack.runtime.cpu_pool import (
+    Scratch,
+    blas_in_workers,
+    can_accumulate,
+    matmul_into,
+    run_all,
+    split_work,
+    worker_count,
+)
 
 T = TypeVar("T")
 
@@ -47,6 +55,13 @@ WINOGRAD_BAND_FLOATS = 16 * 1024 * 1024
 #: spread over the workers (2 cores): Winograd 1.1-1.7x faster from 32 to 512 channels (even into 3 outputs), im2col
 #: 2x faster at 16 (bench/vae_kernels.py prints both per layer).
 WINOGRAD_MIN_CIN = 32
+#: Channels (input and output) up to which a 3x3 convolution from ``WINOGRAD_MIN_CIN`` inputs runs as nine shifted
+#: sgemms rather than Winograd. Measured on 2 cores: 128 -> 128 at 1024x1024 1.33-1.48 s against 1.57-1.63,
+#: 64 -> 64 at 512x512 0.11 against 0.20, 128 -> 3 (the output conv) 0.07 against 0.14; from 256 input or output
+#: channels Winograd is 9-20% faster (its transforms are cheap next to wider matmuls).
+SHIFTED_MAX_CHANNELS = 128
+#: Output pixels per band of the shifted convolution (16-32 rows at 512-1024 wide measured best).
+SHIFTED_BAND_PIXELS = 16 * 1024
 #: Floats per chunk of the GroupNorm passes: small enough to stay in cache between the chained numpy ops.
 NORM_CHUNK = 256 * 1024
 
@@ -227,12 +242,15 @@ def _finish(res: np.ndarray, bias: np.ndarray, dest: np.ndarray, residual: np.nd
 def conv3x3_auto(x: mx.array, weight: mx.array, bias: mx.array,
                  residual: mx.array | None = None, norm: Prenorm | None = None,
                  into_residual: bool = False) -> mx.array:
-    """The faster formulation for the shape: Winograd from ``WINOGRAD_MIN_CIN`` input channels (where its
-    transforms are cheap next to the matmuls), im2col below (the narrowest layers, where K = 9*Cin keeps sgemm
-    busy).
+    """The faster formulation for the shape: from ``WINOGRAD_MIN_CIN`` input channels Winograd (where its
+    transforms are cheap next to the matmuls), or the nine shifted sgemms up to ``SHIFTED_MAX_CHANNELS`` channels
+    (where Winograd's transforms outweigh its saved multiplies); im2col below (the narrowest inputs,
+    where K = 9*Cin keeps sgemm busy).
     ``residual`` (the output's shape) is added to the result, written over the residual's own buffer with
     ``into_residual`` (the caller's promise that nothing else holds it); ``norm`` is applied to ``x`` first."""
     if x.shape[-1] >= WINOGRAD_MIN_CIN:
+        if max(x.shape[-1], weight.shape[0]) <= SHIFTED_MAX_CHANNELS and can_accumulate():
+            return shifted_conv3x3(x, weight, bias, residual, norm, into_residual)
         return winograd_conv3x3(x, weight, bias, residual, norm, into_residual)
     return conv3x3(x, weight, bias, residual, norm, into_residual)
 
@@ -275,6 +293,35 @@ def conv3x3(x: mx.array, weight: mx.array, bias: mx.array, residual: mx.array | 
         res = scratch.get((n, cout), 2)
         np.copyto(col.reshape(n, 3, 3 * cin), _taps_view(flat, 0, n, wp, 3))
         np.matmul(col, wmat, out=res)
+        _finish(res.reshape(-1, wp, cout)[:, :w], bias_np, view[i, top:bottom],
+                None if skip is None else skip[i, top:bottom])
+
+    run_all(band, [(i, top) for i in range(b) for top in range(0, h, rows)], uses_blas=True)
+    return out
+
+
+def shifted_conv3x3(x: mx.array, weight: mx.array, bias: mx.array, residual: mx.array | None = None,
+                    norm: Prenorm | None = None, into_residual: bool = False) -> mx.array:
+    """3x3 stride-1 'same' convolution as nine sgemms per band, one per tap, each reading the padded band shifted
+    by that tap (a plain slice, no im2col copy) and accumulating into the band's result (BLAS' beta = 1)."""
+    b, h, w, cin = x.shape
+    cout = weight.shape[0]
+    taps = np.ascontiguousarray(np.asarray(weight, dtype=np.float32)).reshape(cout, 9 * cin)
+    xs, bias_np, out, view, skip = _conv_io(x, bias, (b, h, w, cout), residual, into_residual)
+    wp = w + 2
+    rows = max(1, min(h, SHIFTED_BAND_PIXELS // wp, -(-h // _workers())))
+    scratch = Scratch()
+
+    def band(job: tuple[int, int]) -> None:
+        i, top = job
+        bottom = min(h, top + rows)
+        n = (bottom - top) * wp
+        flat = _padded_band(xs[i], top, bottom, scratch.get(((rows + 3) * wp * cin,), 0),
+                            _activation(norm, i, scratch))
+        res = scratch.get((n, cout), 2)
+        for tap in range(9):
+            start = (tap // 3) * wp + tap % 3
+            matmul_into(flat[start : start + n], taps[:, tap * cin : (tap + 1) * cin].T, res, accumulate=tap > 0)
         _finish(res.reshape(-1, wp, cout)[:, :w], bias_np, view[i, top:bottom],
                 None if skip is None else skip[i, top:bottom])
 
