@@ -33,6 +33,9 @@ def shapes(size: int) -> list[tuple[str, int, int, int]]:
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``repeats`` calls (NaN for none: ``--mlx-repeats 0`` skips MLX's slow column)."""
+    if repeats < 1:
+        return float("nan")
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -48,7 +51,7 @@ def main() -> None:
     parser.add_argument("--mlx-repeats", type=int, default=1)
     args = parser.parse_args()
     print(f"{'size':>5} {'kind':<5}{'HxW':>10} {'Cin':>4}->{'Cout':<4} {'GFLOP':>7}  "
-          f"{'MLX':>12} {'im2col':>12} {'winograd':>12}  (s, direct-equivalent GFLOP/s)", flush=True)
+          f"{'MLX':>12} {'im2col':>12} {'winograd':>12} {'shifted':>12}  (s, direct-equivalent GFLOP/s)", flush=True)
     for size in (int(s) for s in args.sizes.split(",")):
         for kind, side, cin, cout in shapes(size):
             rng = np.random.default_rng(0)
@@ -61,9 +64,9 @@ def main() -> None:
             os.environ[vae_kernels.FAST_CONV_ENV] = "0"
             cells = {"MLX": median_time(partial(module, x), args.mlx_repeats)}
             os.environ[vae_kernels.FAST_CONV_ENV] = "1"
-            kernels = [vae_kernels.upsample_conv3x3] if kind == "up" else [vae_kernels.conv3x3,
-                                                                            vae_kernels.winograd_conv3x3]
-            for name, kernel in zip(("im2col", "winograd"), kernels, strict=False):
+            kernels = [vae_kernels.upsample_conv3x3] if kind == "up" else [
+                vae_kernels.conv3x3, vae_kernels.winograd_conv3x3, vae_kernels.shifted_conv3x3]
+            for name, kernel in zip(("im2col", "winograd", "shifted"), kernels, strict=False):
                 cells[name] = median_time(partial(kernel, x, conv.weight, conv.bias), args.repeats)
             row = " ".join(f"{f'{t:.2f}/{gflop / t:.0f}':>12}" for t in cells.values())
             print(f"{size:>5} {kind:<5}{f'{side}x{side}':>10} {cin:>4}->{cout:<4} {gflop:>7.1f}  {row}", flush=True)

@@ -361,6 +361,8 @@ ATTENTION_BLOCK_FLOATS = 8 * 1024 * 1024
 EXP_SAFE_SCORE = 64.0
 
 
+#: Rows per band of ``silu_mul`` (its scratch stays in cache between the chained numpy passes).
+SILU_BAND_ROWS = 64
 #: Smaller RMSNorm inputs stay with MLX (a thread hand-off costs more than the work).
 RMS_NORM_MIN_SIZE = 64 * 1024
 
@@ -402,6 +404,38 @@ def silu(x: mx.array) -> mx.array:
     flat = view.reshape(-1)
     run_all(rows, split_work(flat.size, 64 * 1024))
     return x
+
+
+def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
+    """``silu(gate) * up`` (SwiGLU's product) into a new array; on CPU one numpy pass per band of rows over the
+    cores, reading ``gate`` and ``up`` where they lie (slices of one fused projection included), where MLX would
+    copy the slice, run SiLU, then multiply on one core."""
+    if not numpy_kernels() or gate.dtype != mx.float32 or up.dtype != mx.float32 or gate.shape != up.shape:
+        return nn.silu(gate) * up
+    import numpy as np
+
+    mx.eval(gate, up)
+    width = gate.shape[-1]
+    g, u = np.asarray(gate).reshape(-1, width), np.asarray(up).reshape(-1, width)
+    out = mx.zeros(gate.shape, dtype=mx.float32)
+    mx.eval(out)
+    dst = _writable_view(out)
+    if dst is None:  # pragma: no cover - MLX always materialises zeros on CPU
+        return nn.silu(gate) * up
+    dst = dst.reshape(-1, width)
+    scratch = Scratch()
+
+    def rows(span: tuple[int, int]) -> None:
+        a, b = span
+        denom = np.negative(g[a:b], out=scratch.get((b - a, width)))
+        np.exp(denom, out=denom)
+        denom += 1.0
+        np.divide(g[a:b], denom, out=dst[a:b])
+        dst[a:b] *= u[a:b]
+
+    run_all(rows, [(a, min(b, a + SILU_BAND_ROWS)) for a0, b in split_work(g.shape[0], 16)
+                   for a in range(a0, b, SILU_BAND_ROWS)])
+    return out
 
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
@@ -583,4 +617,4 @@ def attention_arrays(q, k, v, scale: float, mask=None) -> mx.array:  # noqa: ANN
 
 __all__ = ["BLAS", "BlasInfo", "RMSNorm", "attention", "attention_arrays", "attention_bytes", "available_memory",
            "compute_dtype", "measure_matmul_gflops", "modulated_layer_norm", "mx", "nn", "numpy_kernels",
-           "release_free_memory", "rms_norm", "silu"]
+           "release_free_memory", "rms_norm", "silu", "silu_mul"]

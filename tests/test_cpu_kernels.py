@@ -158,6 +158,28 @@ def test_modulated_layer_norm_matches_mlx(monkeypatch: pytest.MonkeyPatch, threa
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("threads", ["", "1"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_silu_mul_matches_mlx(monkeypatch: pytest.MonkeyPatch, threads: str, fused: bool) -> None:
+    """SwiGLU's product from two projections, or from the two halves of one fused projection (strided slices),
+    across ragged bands; the inputs stay as they were."""
+    monkeypatch.setenv(cpu_pool.THREADS_ENV, threads)
+    monkeypatch.setattr(backend, "SILU_BAND_ROWS", 7)
+    if fused:
+        y = random((2, 45, 2 * 24), 61, 4.0)
+        gate, up = mx.split(y, 2, axis=-1)
+    else:
+        gate, up = random((2, 45, 24), 62, 4.0), random((2, 45, 24), 63)
+    before = np.array(gate), np.array(up)
+    want = np.array(nn.silu(gate) * up)
+    got = backend.silu_mul(gate, up)
+    assert got.shape == gate.shape
+    np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(np.array(gate), before[0]) and np.array_equal(np.array(up), before[1])
+    monkeypatch.setenv(backend.NUMPY_KERNELS_ENV, "0")
+    np.testing.assert_allclose(np.array(backend.silu_mul(gate, up)), want, rtol=1e-6, atol=1e-6)
+
+
 def test_run_all_spreads_jobs_and_reraises() -> None:
     if cpu_pool.worker_count() < 2:
         pytest.skip("one CPU: every job runs in the caller")

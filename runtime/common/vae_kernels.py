@@ -51,6 +51,13 @@ FAST_CONV_ENV = "IMGPACK_FAST_CONV"
 BAND_FLOATS = 9 * 4 * 1024 * 1024
 #: Floats in one band's Winograd buffers (transformed input and products).
 WINOGRAD_BAND_FLOATS = 16 * 1024 * 1024
+#: At most this many tiles per Winograd band (the sgemms' M): smaller bands stay in cache between the transforms
+#: and the matmuls (measured on 2 cores, 256 -> 256 at 512x512: 0.88 s at 256 tiles, 1.02 s at 1024; neutral at
+#: 512 channels).
+WINOGRAD_BAND_TILES = 256
+#: At most this many input pixels per band of the folded upsample (256 channels, 512 -> 1024: 2.50 s at 4096
+#: against 2.88 s at 16 K; neutral at 512 channels).
+UPSAMPLE_BAND_PIXELS = 4096
 #: Input channels from which a 3x3 convolution runs as Winograd rather than im2col. Measured with the transforms
 #: spread over the workers (2 cores): Winograd 1.1-1.7x faster from 32 to 512 channels (even into 3 outputs), im2col
 #: 2x faster at 16 (bench/vae_kernels.py prints both per layer).
@@ -335,7 +342,7 @@ def upsample_conv3x3(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
     b, h, w, cin = x.shape
     cout = phases[0, 0].shape[1]
     xs, bias_np, out, view, _ = _conv_io(x, bias, (b, 2 * h, 2 * w, cout))
-    rows = _band_rows(h, w, 4 * cin)
+    rows = min(_band_rows(h, w, 4 * cin), max(1, UPSAMPLE_BAND_PIXELS // (w + 2)))
     wp = w + 2
     scratch = Scratch()
 
@@ -395,7 +402,7 @@ def winograd_conv3x3(x: mx.array, weight: mx.array, bias: mx.array,
     workers = _workers()
     all_rows = (h + 1) // 2
     tile_rows = max(1, min(all_rows, WINOGRAD_BAND_FLOATS // workers // (16 * tx * (cin + cout))))
-    tile_rows = min(tile_rows, -(-all_rows // workers))
+    tile_rows = min(tile_rows, -(-all_rows // workers), max(1, WINOGRAD_BAND_TILES // tx))
     wp = 2 * tx + 2
     scratch = Scratch()
 

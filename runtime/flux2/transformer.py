@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from imgpack.architectures.flux2 import TRANSFORMER_DEFAULTS, with_defaults
-from imgpack.runtime.backend import modulated_layer_norm, mx, nn, silu
+from imgpack.runtime.backend import modulated_layer_norm, mx, nn, silu_mul
 from imgpack.runtime.common.attention import rope_attention
 from imgpack.runtime.common.timestep import timestep_features
 from imgpack.schemas.errors import ImgpackError
@@ -162,8 +162,7 @@ class FeedForward(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = mx.split(self.linear_in(x), 2, axis=-1)
-        # A fresh contiguous buffer, so the CPU SiLU can run in place on it (a strided slice would fall back).
-        return self.linear_out(silu(mx.contiguous(gate)) * up)
+        return self.linear_out(silu_mul(gate, up))
 
 
 class JointAttention(nn.Module):
@@ -247,7 +246,7 @@ class ParallelSelfAttention(nn.Module):
         y = self.to_qkv_mlp_proj(x)
         q, k, v = (y[..., i * d : (i + 1) * d].reshape(b, s, -1, self.head_dim) for i in range(3))
         out = joint_attention(self.norm_q(q), self.norm_k(k), v, cos, sin)
-        mlp = silu(mx.contiguous(y[..., 3 * d : 3 * d + m])) * y[..., 3 * d + m :]
+        mlp = silu_mul(y[..., 3 * d : 3 * d + m], y[..., 3 * d + m :])
         return self.to_out(mx.concatenate([out, mlp], axis=-1))
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from imgpack.architectures.zimage import ADALN_EMBED_DIM, FREQUENCY_EMBEDDING_SIZE, TIMESTEP_MID_SIZE
-from imgpack.runtime.backend import RMSNorm, mx, nn, silu
+from imgpack.runtime.backend import RMSNorm, mx, nn, silu_mul
 from imgpack.runtime.common.attention import rope_attention
 from imgpack.runtime.common.timestep import timestep_features
 from imgpack.schemas.errors import ImgpackError
@@ -147,7 +147,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.w2(silu(self.w1(x)) * self.w3(x))
+        return self.w2(silu_mul(self.w1(x), self.w3(x)))
 
 
 class TransformerBlock(nn.Module):
