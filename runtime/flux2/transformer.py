@@ -105,9 +105,11 @@ def rope_tables(ids: np.ndarray, cfg: Flux2Config) -> tuple[mx.array, mx.array]:
     return cos, sin
 
 
-def joint_attention(q: mx.array, k: mx.array, v: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Unmasked attention of (batch, tokens, heads, head_dim) after RoPE -> (batch, tokens, heads*head_dim)."""
-    return rope_attention(q, k, v, cos, sin, q.shape[-1] ** -0.5)
+def joint_attention(q: mx.array, k: mx.array, v: mx.array, cos: mx.array, sin: mx.array,
+                    q_norm: nn.RMSNorm | None = None, k_norm: nn.RMSNorm | None = None) -> mx.array:
+    """Unmasked attention of (batch, tokens, heads, head_dim) after the per-head norms (when given; on CPU in the
+    same pass as RoPE) and RoPE -> (batch, tokens, heads*head_dim)."""
+    return rope_attention(q, k, v, cos, sin, q.shape[-1] ** -0.5, None, q_norm, k_norm)
 
 
 # -- modules -----------------------------------------------------------------------------------------------
@@ -245,7 +247,7 @@ class ParallelSelfAttention(nn.Module):
         d, m = self.dim, self.mlp_dim
         y = self.to_qkv_mlp_proj(x)
         q, k, v = (y[..., i * d : (i + 1) * d].reshape(b, s, -1, self.head_dim) for i in range(3))
-        out = joint_attention(self.norm_q(q), self.norm_k(k), v, cos, sin)
+        out = joint_attention(q, k, v, cos, sin, self.norm_q, self.norm_k)
         mlp = silu_mul(y[..., 3 * d : 3 * d + m], y[..., 3 * d + m :])
         return self.to_out(mx.concatenate([out, mlp], axis=-1))
 
