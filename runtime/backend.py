@@ -440,7 +440,7 @@ def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     """``x / sqrt(mean(x**2, axis=-1) + eps) * weight``; on CPU one numpy pass per band of rows over the cores
-    (MLX's CPU ``rms_norm`` runs at ~2.6 ns an element on one core: 4 ms for 1056 x 1536)."""
+    (measured for 1056 x 1536 on 2 cores: 1.3 ms, MLX's CPU ``rms_norm`` 2.2 ms; 4128 x 1536: 5.4 against 16)."""
     if not numpy_kernels() or x.dtype != mx.float32 or x.size < RMS_NORM_MIN_SIZE:
         return mx.fast.rms_norm(x, weight, eps)
     import numpy as np
@@ -473,8 +473,8 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
 
 def modulated_layer_norm(x: mx.array, eps: float, scale: mx.array, shift: mx.array) -> mx.array:
     """``layer_norm(x) * (1 + scale) + shift`` without affine parameters, for (batch, tokens, dim) ``x`` and
-    ``scale``/``shift`` broadcastable to (batch, 1, dim); on CPU one numpy pass per band of rows (MLX's CPU
-    ``layer_norm`` takes 26 ms for 4128 x 3072 on one core, then two more full passes for the modulation)."""
+    ``scale``/``shift`` broadcastable to (batch, 1, dim); on CPU one numpy pass per band of rows (measured for
+    2 x 4128 x 3072 on 2 cores: 49 ms, against 133 for MLX's CPU ``layer_norm`` and the modulation's two passes)."""
     if not numpy_kernels() or x.dtype != mx.float32 or x.ndim != 3 or x.size < RMS_NORM_MIN_SIZE:
         return mx.fast.layer_norm(x, None, None, eps) * (1 + scale) + shift
     import numpy as np
