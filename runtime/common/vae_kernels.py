@@ -279,61 +279,63 @@ def _conv_io(x: mx.array, bias: mx.array, shape: tuple[int, ...], residual: mx.a
     return xs, bias_np, *_output(shape), skip
 
 
-def conv3x3(x: mx.array, weight: mx.array, bias: mx.array, residual: mx.array | None = None,
-            norm: Prenorm | None = None, into_residual: bool = False) -> mx.array:
-    """3x3 stride-1 'same' convolution of NHWC ``x`` with MLX-layout ``weight`` (Cout, 3, 3, Cin), im2col."""
-    wmat = _layout(weight, _direct_weights)
+def _row_band_conv(x: mx.array, bias: mx.array, cout: int, rows: int, residual: mx.array | None,
+                   norm: Prenorm | None, into_residual: bool,
+                   product: Callable[[np.ndarray, int, int, Scratch], np.ndarray]) -> mx.array:
+    """The frame the row-band 3x3 kernels share: each band of ``rows`` output rows is padded (and normalised) into
+    scratch as flattened (pixels, Cin) rows of pitch ``w + 2``; ``product(flat, n, pitch, scratch)`` returns the
+    band's (n, cout) result in that padded order; the last pass adds the bias (and the residual) into the output."""
     b, h, w, cin = x.shape
-    cout = wmat.shape[1]
     xs, bias_np, out, view, skip = _conv_io(x, bias, (b, h, w, cout), residual, into_residual)
-    rows = _band_rows(h, w, 9 * cin)
     wp = w + 2
     scratch = Scratch()
 
     def band(job: tuple[int, int]) -> None:
         i, top = job
         bottom = min(h, top + rows)
-        n = (bottom - top) * wp
         flat = _padded_band(xs[i], top, bottom, scratch.get(((rows + 3) * wp * cin,), 0),
                             _activation(norm, i, scratch))
-        col = scratch.get((n, 9 * cin), 1)
-        res = scratch.get((n, cout), 2)
-        np.copyto(col.reshape(n, 3, 3 * cin), _taps_view(flat, 0, n, wp, 3))
-        np.matmul(col, wmat, out=res)
+        res = product(flat, (bottom - top) * wp, wp, scratch)
         _finish(res.reshape(-1, wp, cout)[:, :w], bias_np, view[i, top:bottom],
                 None if skip is None else skip[i, top:bottom])
 
     run_all(band, [(i, top) for i in range(b) for top in range(0, h, rows)], uses_blas=True)
     return out
+
+
+def conv3x3(x: mx.array, weight: mx.array, bias: mx.array, residual: mx.array | None = None,
+            norm: Prenorm | None = None, into_residual: bool = False) -> mx.array:
+    """3x3 stride-1 'same' convolution of NHWC ``x`` with MLX-layout ``weight`` (Cout, 3, 3, Cin), im2col."""
+    wmat = _layout(weight, _direct_weights)
+    _, h, w, cin = x.shape
+    cout = wmat.shape[1]
+
+    def product(flat: np.ndarray, n: int, wp: int, scratch: Scratch) -> np.ndarray:
+        col = scratch.get((n, 9 * cin), 1)
+        res = scratch.get((n, cout), 2)
+        np.copyto(col.reshape(n, 3, 3 * cin), _taps_view(flat, 0, n, wp, 3))
+        return np.matmul(col, wmat, out=res)
+
+    return _row_band_conv(x, bias, cout, _band_rows(h, w, 9 * cin), residual, norm, into_residual, product)
 
 
 def shifted_conv3x3(x: mx.array, weight: mx.array, bias: mx.array, residual: mx.array | None = None,
                     norm: Prenorm | None = None, into_residual: bool = False) -> mx.array:
     """3x3 stride-1 'same' convolution as nine sgemms per band, one per tap, each reading the padded band shifted
     by that tap (a plain slice, no im2col copy) and accumulating into the band's result (BLAS' beta = 1)."""
-    b, h, w, cin = x.shape
+    _, h, w, cin = x.shape
     cout = weight.shape[0]
     taps = np.ascontiguousarray(np.asarray(weight, dtype=np.float32)).reshape(cout, 9 * cin)
-    xs, bias_np, out, view, skip = _conv_io(x, bias, (b, h, w, cout), residual, into_residual)
-    wp = w + 2
-    rows = max(1, min(h, SHIFTED_BAND_PIXELS // wp, -(-h // _workers())))
-    scratch = Scratch()
 
-    def band(job: tuple[int, int]) -> None:
-        i, top = job
-        bottom = min(h, top + rows)
-        n = (bottom - top) * wp
-        flat = _padded_band(xs[i], top, bottom, scratch.get(((rows + 3) * wp * cin,), 0),
-                            _activation(norm, i, scratch))
+    def product(flat: np.ndarray, n: int, wp: int, scratch: Scratch) -> np.ndarray:
         res = scratch.get((n, cout), 2)
         for tap in range(9):
             start = (tap // 3) * wp + tap % 3
             matmul_into(flat[start : start + n], taps[:, tap * cin : (tap + 1) * cin].T, res, accumulate=tap > 0)
-        _finish(res.reshape(-1, wp, cout)[:, :w], bias_np, view[i, top:bottom],
-                None if skip is None else skip[i, top:bottom])
+        return res
 
-    run_all(band, [(i, top) for i in range(b) for top in range(0, h, rows)], uses_blas=True)
-    return out
+    rows = max(1, min(h, SHIFTED_BAND_PIXELS // (w + 2), -(-h // _workers())))
+    return _row_band_conv(x, bias, cout, rows, residual, norm, into_residual, product)
 
 
 def upsample_conv3x3(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
