@@ -56,10 +56,12 @@ def rope_attention(
     # CPU computes in float32; a half-precision input (a norm kept as stored) is widened here, not in MLX's sdpa.
     q, k, v = (a if a.dtype == mx.float32 else a.astype(mx.float32) for a in (q, k, v))
     mx.eval(q, k, v, cos, sin)
-    cos_np = np.broadcast_to(np.asarray(cos), (b, s, 1, d // 2))
-    sin_np = np.broadcast_to(np.asarray(sin), (b, s, 1, d // 2))
-    queries = _norm_rope(np.asarray(q), q_norm, cos_np, sin_np, scale)
-    keys = _norm_rope(np.asarray(k), k_norm, cos_np, sin_np, 1.0)
+    # Interleaved pairs are complex64 numbers in memory: the rotation is one complex multiply by cos + i sin.
+    rotation = np.empty((cos.shape[0], s, 1, d // 2), np.complex64)
+    rotation.real, rotation.imag = np.asarray(cos), np.asarray(sin)
+    rotation = np.broadcast_to(rotation, (b, s, 1, d // 2))
+    queries = _norm_rope(np.asarray(q), q_norm, rotation, scale)
+    keys = _norm_rope(np.asarray(k), k_norm, rotation, 1.0)
     values = np.asarray(v)
     bias = None
     if mask is not None:
@@ -70,9 +72,9 @@ def rope_attention(
     return out.transpose(0, 2, 1, 3).reshape(b, s, -1)
 
 
-def _norm_rope(x: np.ndarray, norm: nn.RMSNorm | None, cos: np.ndarray, sin: np.ndarray,
-               scale: float) -> np.ndarray:
-    """RMSNorm each head (if ``norm``), rotate its pairs and scale: a new (batch, tokens, heads, dim) array."""
+def _norm_rope(x: np.ndarray, norm: nn.RMSNorm | None, rotation: np.ndarray, scale: float) -> np.ndarray:
+    """RMSNorm each head (if ``norm``), scale, and rotate its pairs by ``rotation`` (complex64, broadcastable to
+    (batch, tokens, 1, dim/2)): a new (batch, tokens, heads, dim) array."""
     b, s, h, d = x.shape
     out = np.empty((b, s, h, d), np.float32)
     weight = eps = None
@@ -93,18 +95,10 @@ def _norm_rope(x: np.ndarray, norm: nn.RMSNorm | None, cos: np.ndarray, sin: np.
             np.sqrt(mean_square, out=mean_square)
             np.divide(src, mean_square, out=dst)
             dst *= weight
-            src = dst
-        elif scale != 1.0:
+        else:
             np.multiply(src, np.float32(scale), out=dst)
-            src = dst
-        pairs = src.reshape(t1 - t0, h, d // 2, 2)
-        real, imag = pairs[..., 0].copy(), pairs[..., 1].copy()
-        c, sn = cos[bi, t0:t1], sin[bi, t0:t1]
-        rotated = dst.reshape(t1 - t0, h, d // 2, 2)
-        np.multiply(real, c, out=rotated[..., 0])
-        rotated[..., 0] -= imag * sn
-        np.multiply(real, sn, out=rotated[..., 1])
-        rotated[..., 1] += imag * c
+        pairs = dst.view(np.complex64)
+        pairs *= rotation[bi, t0:t1]
 
     jobs = [(bi, t0, min(s, t0 + ROPE_BAND_TOKENS)) for bi in range(b) for t0 in range(0, s, ROPE_BAND_TOKENS)]
     run_all(band, jobs)
