@@ -2,10 +2,10 @@
 architecture.
 
 Both transformers rotate interleaved pairs ``(x[2k], x[2k+1])`` of each head by per-token angles, after an
-optional per-head RMSNorm. On CPU the norm, the rotation and the softmax scale run as one numpy pass per band of
-tokens, spread over the cores, into buffers that feed ``backend.attention_arrays`` directly (no head transposes,
-no MLX elementwise kernels, which run one element at a time on CPU); elsewhere this is MLX's ops and fused
-attention.
+optional per-head RMSNorm. On CPU the norm, the softmax scale and the rotation (the pairs are complex64 numbers in
+memory, so it is one complex multiply) run as one numpy pass per band of tokens, spread over the cores, into
+buffers that feed ``backend.attention_arrays`` directly (no head transposes, no MLX elementwise kernels, which run
+on one core); elsewhere this is MLX's ops and fused attention.
 """
 
 from __future__ import annotations
