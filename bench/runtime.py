@@ -475,22 +475,28 @@ def steady_step(times: list[float]) -> float:
 # -- the machine's floor ---------------------------------------------------------------------------------
 
 
+def widths(arch: str, model: str) -> tuple[int, int]:
+    """The bench transformer's (model width, feed-forward width)."""
+    if arch == "flux2":
+        dim = FLUX2_TRANSFORMER["attention_head_dim"] * FLUX2_TRANSFORMER["num_attention_heads"]
+        return dim, int(dim * FLUX2_TRANSFORMER["mlp_ratio"])
+    dim = ZIMAGE_MODELS[model][0]["dim"]
+    return dim, int(dim / 3 * 8)
+
+
 def step_flops(arch: str, model: str, size: int, text_tokens: int = 32) -> dict[str, float]:
     """Multiply-add FLOPs of one denoising step (one transformer forward, batch 1): linear layers and attention's
     two matmuls, from the bench model's config (adaLN, norms and embedders are under 0.1% and left out)."""
+    dim, hidden = widths(arch, model)
     if arch == "flux2":
-        cfg = FLUX2_TRANSFORMER
-        dim = cfg["attention_head_dim"] * cfg["num_attention_heads"]
-        mlp = int(dim * cfg["mlp_ratio"])
+        cfg, mlp = FLUX2_TRANSFORMER, hidden
         tokens = (size // ARCHS[arch]["scale"]) ** 2 + 512  # Flux2KleinPipeline pads the prompt to 512 tokens
         double = 2 * (4 * dim * dim + 3 * dim * mlp)  # per token, both streams' projections and SwiGLU
         single = dim * (3 * dim + 2 * mlp) + (dim + mlp) * dim
         linear = 2 * tokens * (cfg["num_layers"] * double / 2 + cfg["num_single_layers"] * single)
         attention = 4 * tokens * tokens * dim * (cfg["num_layers"] + cfg["num_single_layers"])
         return {"linear": linear, "attention": attention, "tokens": tokens}
-    cfg = ZIMAGE_MODELS[model][0]
-    dim = cfg["dim"]
-    ffn = int(dim / 3 * 8)
+    cfg, ffn = ZIMAGE_MODELS[model][0], hidden
     image = (size // 16) ** 2
     per_token = 2 * (4 * dim * dim + 3 * dim * ffn)
     unified = image + text_tokens
@@ -517,13 +523,7 @@ def sgemm_rate(tokens: int, dim: int, hidden: int, repeats: int = 5) -> float:
 def floor_report(arch: str, model: str, sizes: list[int], results: dict) -> None:
     """What two cores can do at best: each size's step FLOPs at the best sgemm rate measured now, against the
     s/step both sides reached in ``results`` (this run's, or a ``--work`` directory's)."""
-    if arch == "flux2":
-        cfg = FLUX2_TRANSFORMER
-        dim = cfg["attention_head_dim"] * cfg["num_attention_heads"]
-        hidden = int(dim * cfg["mlp_ratio"])
-    else:
-        dim = ZIMAGE_MODELS[model][0]["dim"]
-        hidden = int(dim / 3 * 8)
+    dim, hidden = widths(arch, model)
     print()
     print("the floor: a step's multiply-add FLOPs at the best sgemm rate measured here (MLX, float32, the step's"
           " linear shapes), every other operation free")

@@ -384,6 +384,28 @@ def _writable_view(array: mx.array):  # noqa: ANN202 - numpy array
     return view
 
 
+def output_buffer(shape: tuple[int, ...]):  # noqa: ANN201 - (mx.array, numpy array)
+    """A fresh MLX float32 array of ``shape`` and a writable numpy view of it: CPU kernels write their results
+    straight into MLX memory."""
+    out = mx.zeros(shape, dtype=mx.float32)
+    mx.eval(out)
+    view = _writable_view(out)
+    if view is None:  # pragma: no cover - MLX always materialises zeros on CPU
+        raise RuntimeError("could not map an MLX buffer into numpy")
+    return out, view
+
+
+def silu_into(x, out, scratch) -> None:  # noqa: ANN001 - numpy arrays
+    """``out = x * sigmoid(x)`` over numpy arrays of one shape (``out`` may be ``x``), ``scratch`` a float32 buffer
+    of that shape: the one SiLU every CPU kernel uses."""
+    import numpy as np
+
+    np.negative(x, out=scratch)
+    np.exp(scratch, out=scratch)
+    scratch += 1.0
+    np.divide(x, scratch, out=out)
+
+
 def silu(x: mx.array) -> mx.array:
     """x * sigmoid(x); on CPU computed by numpy in place over ``x``'s buffer (``x`` must not be used again)."""
     if not numpy_kernels() or x.dtype != mx.float32:
@@ -396,10 +418,7 @@ def silu(x: mx.array) -> mx.array:
 
     def rows(span: tuple[int, int]) -> None:
         part = flat[span[0] : span[1]]
-        denom = np.negative(part)
-        np.exp(denom, out=denom)
-        denom += 1.0
-        np.divide(part, denom, out=part)
+        silu_into(part, part, np.empty_like(part))
 
     flat = view.reshape(-1)
     run_all(rows, split_work(flat.size, 64 * 1024))
@@ -417,24 +436,16 @@ def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
     mx.eval(gate, up)
     width = gate.shape[-1]
     g, u = np.asarray(gate).reshape(-1, width), np.asarray(up).reshape(-1, width)
-    out = mx.zeros(gate.shape, dtype=mx.float32)
-    mx.eval(out)
-    dst = _writable_view(out)
-    if dst is None:  # pragma: no cover - MLX always materialises zeros on CPU
-        return nn.silu(gate) * up
-    dst = dst.reshape(-1, width)
+    out, view = output_buffer(tuple(gate.shape))
+    dst = view.reshape(-1, width)
     scratch = Scratch()
 
-    def rows(span: tuple[int, int]) -> None:
-        a, b = span
-        denom = np.negative(g[a:b], out=scratch.get((b - a, width)))
-        np.exp(denom, out=denom)
-        denom += 1.0
-        np.divide(g[a:b], denom, out=dst[a:b])
-        dst[a:b] *= u[a:b]
+    def rows(start: int) -> None:
+        span = slice(start, min(g.shape[0], start + SILU_BAND_ROWS))
+        silu_into(g[span], dst[span], scratch.get(dst[span].shape))
+        dst[span] *= u[span]
 
-    run_all(rows, [(a, min(b, a + SILU_BAND_ROWS)) for a0, b in split_work(g.shape[0], 16)
-                   for a in range(a0, b, SILU_BAND_ROWS)])
+    run_all(rows, range(0, g.shape[0], SILU_BAND_ROWS))
     return out
 
 
@@ -450,12 +461,8 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     dim = x.shape[-1]
     src = np.asarray(x).reshape(-1, dim)
     w_np = np.asarray(w)
-    out = mx.zeros(x.shape, dtype=mx.float32)
-    mx.eval(out)
-    dst = _writable_view(out)
-    if dst is None:  # pragma: no cover - MLX always materialises zeros on CPU
-        return mx.fast.rms_norm(x, weight, eps)
-    dst = dst.reshape(-1, dim)
+    out, view = output_buffer(tuple(x.shape))
+    dst = view.reshape(-1, dim)
     inv_dim, eps32 = np.float32(1.0 / dim), np.float32(eps)
 
     def rows(span: tuple[int, int]) -> None:
@@ -484,11 +491,7 @@ def modulated_layer_norm(x: mx.array, eps: float, scale: mx.array, shift: mx.arr
     offset = mx.broadcast_to(shift.astype(mx.float32), (b, 1, dim))
     mx.eval(x, gain, offset)
     src, gain_np, offset_np = np.asarray(x), np.asarray(gain), np.asarray(offset)
-    out = mx.zeros(x.shape, dtype=mx.float32)
-    mx.eval(out)
-    dst = _writable_view(out)
-    if dst is None:  # pragma: no cover - MLX always materialises zeros on CPU
-        return mx.fast.layer_norm(x, None, None, eps) * (1 + scale) + shift
+    out, dst = output_buffer(tuple(x.shape))
     inv_dim, eps32 = np.float32(1.0 / dim), np.float32(eps)
 
     def rows(job: tuple[int, int, int]) -> None:
@@ -537,6 +540,14 @@ def _attention_rows(n_q: int, n_k: int) -> int:
     return max(1, min(n_q, rows, cap))
 
 
+def _scores_bounded(queries, key_norm: float) -> bool:  # noqa: ANN001 - numpy array
+    """Whether every score of these (scaled) query rows against keys no longer than ``key_norm`` is within
+    ``EXP_SAFE_SCORE`` (Cauchy-Schwarz; False for NaN or inf)."""
+    import numpy as np
+
+    return float(np.sqrt(np.einsum("rd,rd->r", queries, queries).max())) * key_norm <= EXP_SAFE_SCORE
+
+
 def _unit_stride(view):  # noqa: ANN001, ANN202 - numpy array
     """``view`` itself when its last axis is unit-stride and nothing is broadcast (what sgemm reads without a
     copy), else a contiguous float32 copy."""
@@ -575,11 +586,7 @@ def attention_arrays(q, k, v, scale: float, mask=None) -> mx.array:  # noqa: ANN
     b, h, n_q, _ = q.shape
     n_k, d_v = k.shape[2], v.shape[3]
     qs, ks, vs = (_unit_stride(a) for a in (q, k, v))
-    out = mx.zeros((b, n_q, h, d_v), dtype=mx.float32)
-    mx.eval(out)
-    ov = _writable_view(out)
-    if ov is None:  # pragma: no cover - MLX always materialises zeros on CPU
-        raise RuntimeError("could not map an MLX buffer into numpy")
+    out, ov = output_buffer((b, n_q, h, d_v))
     bias = None
     bounded = True  # no mask, or one that only hides keys: |score| is bounded by the rows' norms
     if mask is not None:
@@ -591,7 +598,7 @@ def attention_arrays(q, k, v, scale: float, mask=None) -> mx.array:  # noqa: ANN
         bias = np.broadcast_to(bias, (b, h, n_q, n_k))
     rows = _attention_rows(n_q, n_k)
     scale32 = np.float32(scale)
-    key_norms = np.sqrt(np.einsum("bhkd,bhkd->bhk", ks, ks).max(axis=2)) if n_k else np.zeros((b, h), np.float32)
+    key_norms = np.sqrt(np.einsum("bhkd,bhkd->bhk", ks, ks).max(axis=2)) if bounded and n_k else None
     scratch = Scratch()
 
     def block(job: tuple[int, int, int, int]) -> None:
@@ -601,8 +608,7 @@ def attention_arrays(q, k, v, scale: float, mask=None) -> mx.array:  # noqa: ANN
         np.matmul(queries, ks[bi, hi].T, out=scores)
         if bias is not None:
             scores += bias[bi, hi, r0:r1]
-        largest = float(np.sqrt(np.einsum("rd,rd->r", queries, queries).max())) * float(key_norms[bi, hi])
-        if not (bounded and largest <= EXP_SAFE_SCORE):
+        if key_norms is None or not _scores_bounded(queries, float(key_norms[bi, hi])):
             scores -= scores.max(axis=1, keepdims=True)
         np.exp(scores, out=scores)
         total = scores.sum(axis=1, keepdims=True)
@@ -617,4 +623,4 @@ def attention_arrays(q, k, v, scale: float, mask=None) -> mx.array:  # noqa: ANN
 
 __all__ = ["BLAS", "BlasInfo", "RMSNorm", "attention", "attention_arrays", "attention_bytes", "available_memory",
            "compute_dtype", "measure_matmul_gflops", "modulated_layer_norm", "mx", "nn", "numpy_kernels",
-           "release_free_memory", "rms_norm", "silu", "silu_mul"]
+           "output_buffer", "release_free_memory", "rms_norm", "silu", "silu_into", "silu_mul"]

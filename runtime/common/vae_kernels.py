@@ -33,7 +33,7 @@ from typing import TypeVar
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from imgpack.runtime.backend import _writable_view, is_cpu, mx
+from imgpack.runtime.backend import _writable_view, is_cpu, mx, output_buffer, silu_into
 from imgpack.runtime.cpu_pool import (
     Scratch,
     blas_in_workers,
@@ -80,16 +80,6 @@ def fast_conv(*arrays: mx.array) -> bool:
         and os.environ.get(FAST_CONV_ENV, "1") != "0"
         and all(a.dtype == mx.float32 for a in arrays)
     )
-
-
-def _output(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
-    """A fresh MLX float32 buffer and a writable numpy view of it (results are written straight into MLX)."""
-    out = mx.zeros(shape, dtype=mx.float32)
-    mx.eval(out)
-    view = _writable_view(out)
-    if view is None:  # pragma: no cover - MLX always materialises zeros on CPU
-        raise RuntimeError("could not map an MLX buffer into numpy")
-    return out, view
 
 
 def _read(x: mx.array) -> np.ndarray:
@@ -209,11 +199,7 @@ class Prenorm:
             region *= scale
             region += shift
             if self.silu:
-                t = scratch.get(region.shape, 5)
-                np.negative(region, out=t)
-                np.exp(t, out=t)
-                t += 1.0
-                region /= t
+                silu_into(region, region, scratch.get(region.shape, 5))
 
         return activate
 
@@ -271,12 +257,12 @@ def _conv_io(x: mx.array, bias: mx.array, shape: tuple[int, ...], residual: mx.a
         raise ValueError(f"residual shape {tuple(residual.shape)} != output shape {shape}")
     xs, bias_np = _read(x), np.asarray(bias, dtype=np.float32)
     if residual is None:
-        return xs, bias_np, *_output(shape), None
+        return xs, bias_np, *output_buffer(shape), None
     skip = _read(residual)
     view = _writable_view(residual) if into_residual else None
     if view is not None:
         return xs, bias_np, residual, view, view
-    return xs, bias_np, *_output(shape), skip
+    return xs, bias_np, *output_buffer(shape), skip
 
 
 def _row_band_conv(x: mx.array, bias: mx.array, cout: int, rows: int, residual: mx.array | None,
@@ -323,15 +309,15 @@ def shifted_conv3x3(x: mx.array, weight: mx.array, bias: mx.array, residual: mx.
                     norm: Prenorm | None = None, into_residual: bool = False) -> mx.array:
     """3x3 stride-1 'same' convolution as nine sgemms per band, one per tap, each reading the padded band shifted
     by that tap (a plain slice, no im2col copy) and accumulating into the band's result (BLAS' beta = 1)."""
+    wmat = _layout(weight, _direct_weights)  # (9*Cin, Cout): tap t's weights are rows t*Cin .. (t+1)*Cin
     _, h, w, cin = x.shape
-    cout = weight.shape[0]
-    taps = np.ascontiguousarray(np.asarray(weight, dtype=np.float32)).reshape(cout, 9 * cin)
+    cout = wmat.shape[1]
 
     def product(flat: np.ndarray, n: int, wp: int, scratch: Scratch) -> np.ndarray:
         res = scratch.get((n, cout), 2)
         for tap in range(9):
             start = (tap // 3) * wp + tap % 3
-            matmul_into(flat[start : start + n], taps[:, tap * cin : (tap + 1) * cin].T, res, accumulate=tap > 0)
+            matmul_into(flat[start : start + n], wmat[tap * cin : (tap + 1) * cin], res, accumulate=tap > 0)
         return res
 
     rows = max(1, min(h, SHIFTED_BAND_PIXELS // (w + 2), -(-h // _workers())))
@@ -450,7 +436,7 @@ def conv1x1(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
     cout = weight.shape[0]
     xs = np.ascontiguousarray(_read(x)).reshape(-1, cin)
     wmat = np.asarray(weight, dtype=np.float32).reshape(cout, cin)
-    out, view = _output((b, h, w, cout))
+    out, view = output_buffer((b, h, w, cout))
     flat = view.reshape(-1, cout)
     np.matmul(xs, wmat.T, out=flat)
     if bias is not None:
@@ -466,7 +452,7 @@ def group_norm_silu(
     b, h, w, c = x.shape
     xs = np.ascontiguousarray(_read(x)).reshape(b, h * w, c)
     coefficients = prenorm(x, weight, bias, groups, eps, silu)
-    out, view = _output((b, h, w, c))
+    out, view = output_buffer((b, h, w, c))
     flat_out = view.reshape(b, h * w, c)
     rows = max(1, NORM_CHUNK // c)
     scratch = Scratch()
