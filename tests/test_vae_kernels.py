@@ -71,6 +71,7 @@ def test_banded_edges(monkeypatch: pytest.MonkeyPatch, rows: int, threads: str) 
     monkeypatch.setattr(vae_kernels, "BAND_FLOATS", rows * (19 + 2) * 9 * 8)  # (w + 2) x 9 Cin floats a row
     monkeypatch.setattr(vae_kernels, "WINOGRAD_BAND_FLOATS", rows * 16 * 10 * (8 + 12))  # 16 x tiles x (Cin + Cout)
     monkeypatch.setattr(vae_kernels, "SHIFTED_BAND_PIXELS", rows * (19 + 2))
+    monkeypatch.setattr(vae_kernels, "UPSAMPLE_BAND_TILES", rows * 10)  # 10 tiles (2x2 input pixels) a tile row
     assert rel_err(vae_kernels.conv3x3(x, conv.weight, conv.bias), expected) < 1e-5
     assert rel_err(vae_kernels.winograd_conv3x3(x, conv.weight, conv.bias), expected) < 1e-5
     assert rel_err(vae_kernels.shifted_conv3x3(x, conv.weight, conv.bias), expected) < 1e-5

@@ -13,7 +13,8 @@ x86 microarchitecture, threads included) over the MLX buffers, the way ``backend
   adds and subtracts over strided views (error ~5e-7 relative in float32, like the direct sum's).
 * ``conv(upsample_nearest_x2(x))`` is computed without the upsampled tensor: each of the four output phases
   (even/odd row x even/odd column) sees only 2x2 distinct input pixels, so it is a 2x2 convolution of ``x``
-  with the 3x3 kernel's taps summed per phase: 16 instead of 36 taps per 2x2 output pixels, exact up to rounding.
+  with the 3x3 kernel's taps summed per phase (16 instead of 36 taps per 2x2 output pixels), each run as
+  Winograd F(2x2, 2x2): 9 matmuls ``[tiles, Cin] x [Cin, Cout]``, transforms of adds only.
 * GroupNorm's statistics take one pass (float32 moments per chunk, combined in float64); its scale, shift and
   SiLU are then applied to each band a convolution copies in (``Prenorm``), so the normalised activation is never
   stored, and the ResNet skip is added in the convolution's last pass.
@@ -55,9 +56,9 @@ WINOGRAD_BAND_FLOATS = 16 * 1024 * 1024
 #: and the matmuls (measured on 2 cores, 256 -> 256 at 512x512: 0.88 s at 256 tiles, 1.02 s at 1024; neutral at
 #: 512 channels).
 WINOGRAD_BAND_TILES = 256
-#: At most this many input pixels per band of the folded upsample (256 channels, 512 -> 1024: 2.50 s at 4096
-#: against 2.88 s at 16 K; neutral at 512 channels).
-UPSAMPLE_BAND_PIXELS = 4096
+#: At most this many Winograd tiles (2x2 input pixels) per band of the folded upsample (2 cores, 512 channels at
+#: 256x256 -> 512x512: 1.71 s at 512, 1.78 at 256, 1.92 at 1024; 256 channels at 512x512: 1.84, 2.08, 1.98).
+UPSAMPLE_BAND_TILES = 512
 #: Input channels from which a 3x3 convolution runs as Winograd rather than im2col. Measured with the transforms
 #: spread over the workers (2 cores): Winograd 1.1-1.7x faster from 32 to 512 channels (even into 3 outputs), im2col
 #: 2x faster at 16 (bench/vae_kernels.py prints both per layer).
@@ -125,13 +126,19 @@ def _phase_matrix() -> np.ndarray:
 _PHASE_MATRIX = _phase_matrix()
 
 
+#: Winograd F(2x2, 2x2) for a phase's 2x2 convolution: ``G`` (3, 2) over each axis of the 2x2 kernel, as one (9, 4)
+#: matrix over its taps; the input and output transforms (``B^T``, ``A^T``) are the adds in ``upsample_conv3x3``.
+_UPSAMPLE_G = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+_UPSAMPLE_K = np.einsum("xa,yb->xyab", _UPSAMPLE_G, _UPSAMPLE_G).reshape(9, 4).astype(np.float32)
+
+
 def _phase_weights(w: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
-    """(Cout, 3, 3, Cin) -> per phase (py, px) the (4*Cin, Cout) weights of its 2x2 convolution, rows in
-    (a, b, Cin) order (transposed views: sgemm reads them as they lie)."""
+    """(Cout, 3, 3, Cin) -> per phase (py, px) the Winograd weights ``G g G^T`` of its 2x2 convolution ``g`` (the
+    3x3 taps summed per phase): (9, Cin, Cout), transposed views of one sgemm's (9, Cout, Cin) result (the
+    factors are 0 and 1: exact)."""
     cout, _, _, cin = w.shape
-    summed = (_torch_order(w).reshape(cout * cin, 9) @ _PHASE_MATRIX).reshape(cout, cin, 16)
-    by_tap = np.ascontiguousarray(summed.transpose(0, 2, 1))  # (Cout, 16 = phase x tap, Cin)
-    return {(py, px): by_tap[:, 8 * py + 4 * px : 8 * py + 4 * px + 4].reshape(cout, 4 * cin).T
+    summed = (_torch_order(w).reshape(cout * cin, 9) @ _PHASE_MATRIX).reshape(cout * cin, 4, 4)
+    return {(py, px): (_UPSAMPLE_K @ summed[:, 2 * py + px].T).reshape(9, cout, cin).transpose(0, 2, 1)
             for py in (0, 1) for px in (0, 1)}
 
 
@@ -325,29 +332,56 @@ def shifted_conv3x3(x: mx.array, weight: mx.array, bias: mx.array, residual: mx.
 
 
 def upsample_conv3x3(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
-    """``conv3x3(nearest_upsample_x2(x))`` without the upsampled tensor: four 2x2 phase convolutions of ``x``."""
+    """``conv3x3(nearest_upsample_x2(x))`` without the upsampled tensor: four 2x2 phase convolutions of ``x``, each
+    as Winograd F(2x2, 2x2) (9 products per 2x2 outputs instead of 16; the transforms are adds)."""
     phases = _layout(weight, _phase_weights)
     b, h, w, cin = x.shape
-    cout = phases[0, 0].shape[1]
+    cout = phases[0, 0].shape[2]
     xs, bias_np, out, view, _ = _conv_io(x, bias, (b, 2 * h, 2 * w, cout))
-    rows = min(_band_rows(h, w, 4 * cin), max(1, UPSAMPLE_BAND_PIXELS // (w + 2)))
-    wp = w + 2
+    tx = (w + 1) // 2
+    wp = 2 * tx + 2
+    all_rows = (h + 1) // 2
+    tile_rows = max(1, min(all_rows, UPSAMPLE_BAND_TILES // tx, -(-all_rows // _workers())))
     scratch = Scratch()
 
     def band(job: tuple[int, int]) -> None:
-        i, top = job
+        i, top = job  # the band's first input row: output rows 2*top .. of every phase
+        ty = min(tile_rows, (h - top + 1) // 2)
+        n = ty * tx
+        rows = min(2 * ty, h - top)
+        # Input rows top-1 .. top+2*ty, zero-padded: phase py's 2x2 window at pixel (r, c) starts at (r+py, c+px).
+        padded = _pad_rows(xs[i], top - 1, 2 * ty + 2, wp, scratch.get(((2 * ty + 2) * wp * cin,), 0))
+        r0, r2 = scratch.get((ty, wp, cin), 1), scratch.get((ty, wp, cin), 2)
+        v = scratch.get((9, n, cin), 3)
+        m = scratch.get((9, n, cout), 4)
         grid = view[i].reshape(h, 2, w, 2, cout)
-        bottom = min(h, top + rows)
-        n = (bottom - top) * wp
-        flat = _padded_band(xs[i], top, bottom, scratch.get(((rows + 3) * wp * cin,), 0))
-        col = scratch.get((n, 4 * cin), 1)
-        res = scratch.get((n, cout), 2)
-        for (py, px), wmat in phases.items():
-            np.copyto(col.reshape(n, 2, 2 * cin), _taps_view(flat, py * wp + px, n, wp, 2))
-            np.matmul(col, wmat, out=res)
-            np.add(res.reshape(-1, wp, cout)[:, :w], bias_np, out=grid[top:bottom, py, :, px])
+        for py in (0, 1):
+            d = [padded[py + j : py + j + 2 * ty : 2] for j in range(3)]  # B^T along the rows: d0-d1, d1, d2-d1
+            np.subtract(d[0], d[1], out=r0)
+            np.subtract(d[2], d[1], out=r2)
+            for px in (0, 1):
+                for a, r in enumerate((r0, d[1], r2)):
+                    c = [r[:, px + j : px + j + 2 * tx : 2] for j in range(3)]
+                    np.subtract(c[0], c[1], out=v[3 * a].reshape(ty, tx, cin))
+                    np.copyto(v[3 * a + 1].reshape(ty, tx, cin), c[1])
+                    np.subtract(c[2], c[1], out=v[3 * a + 2].reshape(ty, tx, cin))
+                np.matmul(v, phases[py, px], out=m)
+                mm = [m[k].reshape(ty, tx, cout) for k in range(9)]
+                mm[4] += bias_np  # the centre product enters all four outputs of a tile: the bias, once
+                for k in range(3):  # A^T along the rows, in place: row 0 <- M0 + M3, row 1 <- M3 + M6
+                    mm[k] += mm[3 + k]
+                    mm[3 + k] += mm[6 + k]
+                dest = grid[top : top + rows, py, :, px]
+                whole = rows == 2 * ty and w == 2 * tx
+                yb = dest.reshape(ty, 2, tx, 2, cout) if whole else scratch.get((ty, 2, tx, 2, cout), 5)
+                for a in range(2):  # A^T along the columns, into the output (or a scratch tile grid at the edges)
+                    s0, s1, s2 = mm[3 * a : 3 * a + 3]
+                    np.add(s0, s1, out=yb[:, a, :, 0])
+                    np.add(s1, s2, out=yb[:, a, :, 1])
+                if not whole:
+                    np.copyto(dest, yb.reshape(2 * ty, 2 * tx, cout)[:rows, :w])
 
-    run_all(band, [(i, top) for i in range(b) for top in range(0, h, rows)], uses_blas=True)
+    run_all(band, [(i, top) for i in range(b) for top in range(0, h, 2 * tile_rows)], uses_blas=True)
     return out
 
 
