@@ -355,9 +355,11 @@ NUMPY_KERNELS_ENV = "IMGPACK_NUMPY_KERNELS"
 ATTENTION_ROWS = 640
 #: At most this many floats of scores per job (query rows x keys), so memory stays bounded at any resolution.
 ATTENTION_BLOCK_FLOATS = 8 * 1024 * 1024
-#: Below this bound on |score| the softmax skips subtracting each row's maximum (a pass over the scores): exp of
-#: +-64 is a normal float32 and a row of up to 2**30 such terms sums without overflow, so the result is the same
-#: softmax to rounding. The bound comes from the rows' norms (Cauchy-Schwarz), so it holds for every score.
+#: Below this bound on |score| the softmax skips subtracting each row's maximum (a pass over the scores): scores
+#: are kept in base 2 (``log2(e)`` folded into the query scale, so the exponential is numpy's exp2, ~1.5x faster
+#: than exp), 2 ** +-64 is a normal float32 and a row of up to 2**30 such terms sums without overflow, so the
+#: result is the same softmax to rounding. The bound comes from the rows' norms (Cauchy-Schwarz), so it holds for
+#: every score.
 EXP_SAFE_SCORE = 64.0
 
 
@@ -593,11 +595,12 @@ def attention_arrays(q, k, v, scale: float, mask=None) -> mx.array:  # noqa: ANN
         if mask.dtype == np.bool_:
             bias = np.where(mask, np.float32(0.0), np.float32(-np.inf))
         else:
-            bias = mask.astype(np.float32, copy=False)
+            bias = np.multiply(mask, np.float32(np.log2(np.e)), dtype=np.float32)  # base 2, as the scores
             bounded = False
         bias = np.broadcast_to(bias, (b, h, n_q, n_k))
     rows = _attention_rows(n_q, n_k)
-    scale32 = np.float32(scale)
+    scale32 = np.float32(scale * np.log2(np.e))  # scores in base 2: softmax(x) = 2**(x log2 e) / sum(...)
+    ones = np.ones(n_k, np.float32)
     key_norms = np.sqrt(np.einsum("bhkd,bhkd->bhk", ks, ks).max(axis=2)) if bounded and n_k else None
     scratch = Scratch()
 
@@ -610,11 +613,11 @@ def attention_arrays(q, k, v, scale: float, mask=None) -> mx.array:  # noqa: ANN
             scores += bias[bi, hi, r0:r1]
         if key_norms is None or not _scores_bounded(queries, float(key_norms[bi, hi])):
             scores -= scores.max(axis=1, keepdims=True)
-        np.exp(scores, out=scores)
-        total = scores.sum(axis=1, keepdims=True)
+        np.exp2(scores, out=scores)
+        total = np.matmul(scores, ones, out=scratch.get((r1 - r0,), slot=2))  # an sgemv: faster than sum()
         dest = ov[bi, r0:r1, hi]
         np.matmul(scores, vs[bi, hi], out=dest)
-        dest /= total
+        dest /= total[:, None]
 
     jobs = [(bi, hi, r0, min(n_q, r0 + rows)) for bi in range(b) for hi in range(h) for r0 in range(0, n_q, rows)]
     run_all(block, jobs, uses_blas=True)
