@@ -397,13 +397,17 @@ def output_buffer(shape: tuple[int, ...]):  # noqa: ANN201 - (mx.array, numpy ar
     return out, view
 
 
+_MINUS_LOG2E = -1.4426950408889634
+
+
 def silu_into(x, out, scratch) -> None:  # noqa: ANN001 - numpy arrays
     """``out = x * sigmoid(x)`` over numpy arrays of one shape (``out`` may be ``x``), ``scratch`` a float32 buffer
-    of that shape: the one SiLU every CPU kernel uses."""
+    of that shape: the one SiLU every CPU kernel uses. ``exp(-x)`` is taken as ``exp2(-x log2 e)``: numpy's exp2 is
+    ~1.5x faster than its exp (the whole SiLU ~1.3x)."""
     import numpy as np
 
-    np.negative(x, out=scratch)
-    np.exp(scratch, out=scratch)
+    np.multiply(x, _MINUS_LOG2E, out=scratch)
+    np.exp2(scratch, out=scratch)
     scratch += 1.0
     np.divide(x, scratch, out=out)
 
