@@ -8,9 +8,10 @@ x86 microarchitecture, threads included) over the MLX buffers, the way ``backend
 * a 3x3 'same' convolution is one ``[pixels, 9*Cin] x [9*Cin, Cout]`` matmul over an im2col band. The band is
   cut from a zero-padded copy of the input rows whose width is padded too, so every tap is a constant offset into
   the flattened band: the im2col is a single strided copy, and the two padding columns of each output row are
-  computed and dropped. From ``WINOGRAD_MIN_CIN`` input channels the convolution runs as Winograd F(2x2, 3x3)
-  instead: 16 matmuls ``[tiles, Cin] x [Cin, Cout]`` do 2.25x fewer multiply-adds, and the tile transforms are
-  adds and subtracts over strided views (error ~5e-7 relative in float32, like the direct sum's).
+  computed and dropped. From ``WINOGRAD_MIN_CIN`` input channels the convolution runs as Winograd F(4x4, 3x3)
+  instead: 36 matmuls ``[tiles, Cin] x [Cin, Cout]`` do 4x fewer multiply-adds, and each tile transform (both
+  axes at once) is one more sgemm over the band's tiles (error ~1e-5 relative in float32 at 512 channels); into
+  a few output channels (the output conv) nine shifted sgemms accumulate into the band's result instead.
 * ``conv(upsample_nearest_x2(x))`` is computed without the upsampled tensor: each of the four output phases
   (even/odd row x even/odd column) sees only 2x2 distinct input pixels, so it is a 2x2 convolution of ``x``
   with the 3x3 kernel's taps summed per phase (16 instead of 36 taps per 2x2 output pixels), each run as
@@ -50,24 +51,22 @@ T = TypeVar("T")
 FAST_CONV_ENV = "IMGPACK_FAST_CONV"
 #: Floats in one band's im2col buffer (x4 bytes): 9 x 4 M, the same bound as the MLX path's banding.
 BAND_FLOATS = 9 * 4 * 1024 * 1024
-#: Floats in one band's Winograd buffers (transformed input and products).
-WINOGRAD_BAND_FLOATS = 16 * 1024 * 1024
-#: At most this many tiles per Winograd band (the sgemms' M): smaller bands stay in cache between the transforms
-#: and the matmuls (measured on 2 cores, 256 -> 256 at 512x512: 0.88 s at 256 tiles, 1.02 s at 1024; neutral at
-#: 512 channels).
+#: Floats in the Winograd bands' buffers, all workers together (at 512 channels 256 tiles a band fit).
+WINOGRAD_BAND_FLOATS = 24 * 1024 * 1024
+#: At most this many tiles per Winograd band (the sgemms' M; measured on 2 cores, 512 -> 512 at 256x256: 0.61 s
+#: at 128 tiles, 0.53 at 256 or 512; 128 -> 128 at 1024x1024: 0.83 at 128 or 256, 0.93 at 512).
 WINOGRAD_BAND_TILES = 256
 #: At most this many Winograd tiles (2x2 input pixels) per band of the folded upsample (2 cores, 512 channels at
 #: 256x256 -> 512x512: 1.71 s at 512, 1.78 at 256, 1.92 at 1024; 256 channels at 512x512: 1.84, 2.08, 1.98).
 UPSAMPLE_BAND_TILES = 512
-#: Input channels from which a 3x3 convolution runs as Winograd rather than im2col. Measured with the transforms
-#: spread over the workers (2 cores): Winograd 1.1-1.7x faster from 32 to 512 channels (even into 3 outputs), im2col
-#: 2x faster at 16 (bench/vae_kernels.py prints both per layer).
+#: Input channels from which a 3x3 convolution runs as Winograd (or shifted sgemms) rather than im2col: im2col is
+#: faster at 16 (16 -> 512 at 128x128: 0.023 s against 0.039), even at 32 (bench/vae_kernels.py prints each).
 WINOGRAD_MIN_CIN = 32
-#: Channels (input and output) up to which a 3x3 convolution from ``WINOGRAD_MIN_CIN`` inputs runs as nine shifted
-#: sgemms rather than Winograd. Measured on 2 cores: 128 -> 128 at 1024x1024 1.33-1.48 s against 1.57-1.63,
-#: 64 -> 64 at 512x512 0.11 against 0.20, 128 -> 3 (the output conv) 0.07 against 0.14; from 256 input or output
-#: channels Winograd is 9-20% faster (its transforms are cheap next to wider matmuls).
-SHIFTED_MAX_CHANNELS = 128
+#: Output channels up to which a convolution from ``WINOGRAD_MIN_CIN`` inputs runs as nine shifted sgemms rather
+#: than Winograd, whose output transform costs as much as its products there. Measured on 2 cores at 1024x1024
+#: from 128 channels: into 3 (the output conv) 0.28 s against 0.32, into 16 0.30 against 0.37, into 32 0.51
+#: against 0.47; 128 -> 128 0.83 against 1.31-1.36.
+SHIFTED_MAX_COUT = 16
 #: Output pixels per band of the shifted convolution (16-32 rows at 512-1024 wide measured best).
 SHIFTED_BAND_PIXELS = 16 * 1024
 #: Floats per chunk of the GroupNorm passes: small enough to stay in cache between the chained numpy ops.
@@ -242,14 +241,13 @@ def _finish(res: np.ndarray, bias: np.ndarray, dest: np.ndarray, residual: np.nd
 def conv3x3_auto(x: mx.array, weight: mx.array, bias: mx.array,
                  residual: mx.array | None = None, norm: Prenorm | None = None,
                  into_residual: bool = False) -> mx.array:
-    """The faster formulation for the shape: from ``WINOGRAD_MIN_CIN`` input channels Winograd (where its
-    transforms are cheap next to the matmuls), or the nine shifted sgemms up to ``SHIFTED_MAX_CHANNELS`` channels
-    (where Winograd's transforms outweigh its saved multiplies); im2col below (the narrowest inputs,
-    where K = 9*Cin keeps sgemm busy).
+    """The faster formulation for the shape: from ``WINOGRAD_MIN_CIN`` input channels Winograd, or the nine
+    shifted sgemms into at most ``SHIFTED_MAX_COUT`` outputs (where Winograd's output transform outweighs its saved
+    multiplies); im2col below (the narrowest inputs, where K = 9*Cin keeps sgemm busy).
     ``residual`` (the output's shape) is added to the result, written over the residual's own buffer with
     ``into_residual`` (the caller's promise that nothing else holds it); ``norm`` is applied to ``x`` first."""
     if x.shape[-1] >= WINOGRAD_MIN_CIN:
-        if max(x.shape[-1], weight.shape[0]) <= SHIFTED_MAX_CHANNELS and can_accumulate():
+        if weight.shape[0] <= SHIFTED_MAX_COUT and can_accumulate():
             return shifted_conv3x3(x, weight, bias, residual, norm, into_residual)
         return winograd_conv3x3(x, weight, bias, residual, norm, into_residual)
     return conv3x3(x, weight, bias, residual, norm, into_residual)
@@ -385,82 +383,80 @@ def upsample_conv3x3(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
     return out
 
 
-#: Winograd F(2x2, 3x3) (Lavin & Gray): 2x2 outputs from a 4x4 input tile with 16 products instead of 36.
-_WINOGRAD_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
-
-
-#: ``G g G^T`` as one matrix over the 9 taps: (16, 9), entry [(x, y), (i, j)] = G[x, i] * G[y, j].
-_WINOGRAD_K = np.einsum("xi,yj->xyij", _WINOGRAD_G, _WINOGRAD_G).reshape(16, 9).astype(np.float32)
+#: Winograd F(4x4, 3x3) (Lavin & Gray; interpolation points 0, +-1, +-2, infinity): 4x4 outputs from a 6x6 input
+#: tile with 36 products instead of 144. ``B^T`` (6, 6), ``G`` (6, 3) and ``A^T`` (4, 6) for one axis.
+_WINOGRAD_BT = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                         [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float64)
+_WINOGRAD_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                        [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64)
+_WINOGRAD_AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+                        np.float64)
+#: Both axes' transforms as one matrix each, so each is a single sgemm over a band's tiles (K = 36: ~50 GFLOP/s a
+#: core, 3x faster than the same transform as numpy adds over strided views): ``B^T d B`` is (36, 36) over the 36
+#: pixels of each tile, ``A^T m A`` (16, 36) over its 36 products; ``G g G^T`` (36, 9) over the 9 taps.
+_WINOGRAD_IN = np.kron(_WINOGRAD_BT, _WINOGRAD_BT).astype(np.float32)
+_WINOGRAD_OUT = np.kron(_WINOGRAD_AT, _WINOGRAD_AT).astype(np.float32)
+_WINOGRAD_K = np.kron(_WINOGRAD_G, _WINOGRAD_G).astype(np.float32)
 
 
 def _winograd_weights(w: np.ndarray) -> np.ndarray:
-    """(Cout, 3, 3, Cin) -> ``G g G^T`` per tile position: (16, Cin, Cout) as a transposed view of one sgemm's
-    (16, Cout, Cin) result (the kernel's 0, +-1/2 and 1/4 factors are exact in float32)."""
+    """(Cout, 3, 3, Cin) -> ``G g G^T`` per tile position: (36, Cin, Cout), a transposed view of one sgemm's
+    (36, Cout, Cin) result (sums of 9 taps: the 1/6 and 1/24 factors round like any float32 product)."""
     cout, _, _, cin = w.shape
     u = _WINOGRAD_K @ _torch_order(w).reshape(cout * cin, 9).T
-    return u.reshape(16, cout, cin).transpose(0, 2, 1)
-
-
-def _input_transform(rows: list[np.ndarray], out: list[np.ndarray]) -> None:
-    """``B^T d`` along one axis: four strided input phases -> four transformed arrays (written into ``out``)."""
-    d0, d1, d2, d3 = rows
-    np.subtract(d0, d2, out=out[0])
-    np.add(d1, d2, out=out[1])
-    np.subtract(d2, d1, out=out[2])
-    np.subtract(d1, d3, out=out[3])
+    return u.reshape(36, cout, cin).transpose(0, 2, 1)
 
 
 def winograd_conv3x3(x: mx.array, weight: mx.array, bias: mx.array,
                      residual: mx.array | None = None, norm: Prenorm | None = None,
                      into_residual: bool = False) -> mx.array:
-    """3x3 stride-1 'same' convolution as Winograd F(2x2, 3x3): 2.25x fewer multiply-adds than direct, the 16
-    products per tile being 16 matmuls ``[tiles, Cin] x [Cin, Cout]``; the transforms are adds and subtracts."""
+    """3x3 stride-1 'same' convolution as Winograd F(4x4, 3x3): 4x fewer multiply-adds than direct, the 36 products
+    per tile being 36 matmuls ``[tiles, Cin] x [Cin, Cout]``, the tile transforms one sgemm each. Relative error
+    ~1e-5 at 512 channels in float32 (F(2x2, 3x3)'s is ~5e-7; the decoder's output moves by far less than 1/255)."""
     u = _layout(weight, _winograd_weights)
     b, h, w, cin = x.shape
     cout = u.shape[2]
     xs, bias_np, out, view, skip = _conv_io(x, bias, (b, h, w, cout), residual, into_residual)
-    tx = (w + 1) // 2
-    # V (16 x tiles x Cin) and M (16 x tiles x Cout) per band of tile rows, a band per worker in flight.
+    tx = (w + 3) // 4
+    wide = max(cin, cout)
+    # Two buffers of 36 x tiles x max(Cin, Cout) per band (the gathered tiles, then the products; the transformed
+    # tiles, then the outputs), a band per worker in flight.
     workers = _workers()
-    all_rows = (h + 1) // 2
-    tile_rows = max(1, min(all_rows, WINOGRAD_BAND_FLOATS // workers // (16 * tx * (cin + cout))))
+    all_rows = (h + 3) // 4
+    tile_rows = max(1, min(all_rows, WINOGRAD_BAND_FLOATS // workers // (2 * 36 * tx * wide)))
     tile_rows = min(tile_rows, -(-all_rows // workers), max(1, WINOGRAD_BAND_TILES // tx))
-    wp = 2 * tx + 2
+    wp = 4 * tx + 2
     scratch = Scratch()
 
     def band(job: tuple[int, int]) -> None:
         i, top = job
-        ty = min(tile_rows, (h - top + 1) // 2)
+        ty = min(tile_rows, (h - top + 3) // 4)
         n = ty * tx
-        padded = _pad_rows(xs[i], top - 1, 2 * ty + 2, wp, scratch.get(((2 * ty + 2) * wp * cin,), 0),
+        padded = _pad_rows(xs[i], top - 1, 4 * ty + 2, wp, scratch.get(((4 * ty + 2) * wp * cin,), 0),
                            _activation(norm, i, scratch))
-        r = list(scratch.get((4, ty, wp, cin), 1))
-        v = scratch.get((16, n, cin), 2)
-        m = scratch.get((16, n, cout), 3)
-        _input_transform([padded[j : j + 2 * ty : 2] for j in range(4)], r)
-        for a in range(4):
-            cols = [r[a][:, j : j + 2 * tx : 2] for j in range(4)]
-            _input_transform(cols, [v[4 * a + k].reshape(ty, tx, cin) for k in range(4)])
+        first, second = scratch.get((36 * n * wide,), 1), scratch.get((36 * n * wide,), 2)
+        item, pitch = padded.itemsize, wp * cin * padded.itemsize
+        tiles = first[: 36 * n * cin].reshape(6, 6, ty, tx, cin)  # tile (r, c)'s pixel (y, x) at [y, x, r, c]
+        np.copyto(tiles, as_strided(padded, shape=tiles.shape,
+                                    strides=(pitch, cin * item, 4 * pitch, 4 * cin * item, item)))
+        v = second[: 36 * n * cin].reshape(36, n, cin)
+        np.matmul(_WINOGRAD_IN, tiles.reshape(36, n * cin), out=v.reshape(36, n * cin))
+        m = first[: 36 * n * cout].reshape(36, n, cout)
         np.matmul(v, u, out=m)
-        mm = [m[k] for k in range(16)]
-        for nu in range(4):  # A^T along the tile rows, in place: row 0 <- M0+M1+M2, row 1 <- M1-M2-M3
-            m0, m1, m2, m3 = mm[nu], mm[4 + nu], mm[8 + nu], mm[12 + nu]
-            m0 += m1
-            m0 += m2
-            m1 -= m2
-            m1 -= m3
-        yb = scratch.get((ty, 2, tx, 2, cout), 4)
-        for a in range(2):
-            s0, s1, s2, s3 = (mm[4 * a + k].reshape(ty, tx, cout) for k in range(4))
-            np.add(s0, s1, out=yb[:, a, :, 0])
-            yb[:, a, :, 0] += s2
-            np.subtract(s1, s2, out=yb[:, a, :, 1])
-            yb[:, a, :, 1] -= s3
-        rows = min(2 * ty, h - top)
-        _finish(yb.reshape(2 * ty, 2 * tx, cout)[:rows, :w], bias_np, view[i, top : top + rows],
-                None if skip is None else skip[i, top : top + rows])
+        y = second[: 16 * n * cout].reshape(16, n * cout)
+        np.matmul(_WINOGRAD_OUT, m.reshape(36, n * cout), out=y)
+        grid = y.reshape(4, 4, ty, tx, cout).transpose(2, 0, 3, 1, 4)  # (tile row, y, tile column, x, Cout)
+        rows = min(4 * ty, h - top)
+        dest = view[i, top : top + rows]
+        near = None if skip is None else skip[i, top : top + rows]
+        if rows == 4 * ty and w == 4 * tx:
+            _finish(grid, bias_np, dest.reshape(grid.shape), None if near is None else near.reshape(grid.shape))
+        else:  # a ragged edge: the tiles' outputs past the image are dropped
+            whole = scratch.get(grid.shape, 3)
+            np.copyto(whole, grid)
+            _finish(whole.reshape(4 * ty, 4 * tx, cout)[:rows, :w], bias_np, dest, near)
 
-    run_all(band, [(i, top) for i in range(b) for top in range(0, h, 2 * tile_rows)], uses_blas=True)
+    run_all(band, [(i, top) for i in range(b) for top in range(0, h, 4 * tile_rows)], uses_blas=True)
     return out
 
 
