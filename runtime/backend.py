@@ -397,7 +397,8 @@ def output_buffer(shape: tuple[int, ...]):  # noqa: ANN201 - (mx.array, numpy ar
     return out, view
 
 
-_MINUS_LOG2E = -1.4426950408889634
+#: log2(e): the CPU kernels take exp(x) as exp2(x * LOG2E), numpy's exp2 being ~1.5x faster than its exp.
+LOG2E = 1.4426950408889634
 
 
 def silu_into(x, out, scratch) -> None:  # noqa: ANN001 - numpy arrays
@@ -406,7 +407,7 @@ def silu_into(x, out, scratch) -> None:  # noqa: ANN001 - numpy arrays
     ~1.5x faster than its exp (the whole SiLU ~1.3x)."""
     import numpy as np
 
-    np.multiply(x, _MINUS_LOG2E, out=scratch)
+    np.multiply(x, -LOG2E, out=scratch)
     np.exp2(scratch, out=scratch)
     scratch += 1.0
     np.divide(x, scratch, out=out)
@@ -599,11 +600,11 @@ def attention_arrays(q, k, v, scale: float, mask=None) -> mx.array:  # noqa: ANN
         if mask.dtype == np.bool_:
             bias = np.where(mask, np.float32(0.0), np.float32(-np.inf))
         else:
-            bias = np.multiply(mask, np.float32(np.log2(np.e)), dtype=np.float32)  # base 2, as the scores
+            bias = np.multiply(mask, np.float32(LOG2E), dtype=np.float32)  # base 2, as the scores
             bounded = False
         bias = np.broadcast_to(bias, (b, h, n_q, n_k))
     rows = _attention_rows(n_q, n_k)
-    scale32 = np.float32(scale * np.log2(np.e))  # scores in base 2: softmax(x) = 2**(x log2 e) / sum(...)
+    scale32 = np.float32(scale * LOG2E)  # scores in base 2: softmax(x) = 2**(x log2 e) / sum(...)
     ones = np.ones(n_k, np.float32)
     key_norms = np.sqrt(np.einsum("bhkd,bhkd->bhk", ks, ks).max(axis=2)) if bounded and n_k else None
     scratch = Scratch()

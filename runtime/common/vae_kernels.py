@@ -128,7 +128,7 @@ _PHASE_MATRIX = _phase_matrix()
 #: Winograd F(2x2, 2x2) for a phase's 2x2 convolution: ``G`` (3, 2) over each axis of the 2x2 kernel, as one (9, 4)
 #: matrix over its taps; the input and output transforms (``B^T``, ``A^T``) are the adds in ``upsample_conv3x3``.
 _UPSAMPLE_G = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
-_UPSAMPLE_K = np.einsum("xa,yb->xyab", _UPSAMPLE_G, _UPSAMPLE_G).reshape(9, 4).astype(np.float32)
+_UPSAMPLE_K = np.kron(_UPSAMPLE_G, _UPSAMPLE_G).astype(np.float32)
 
 
 def _phase_weights(w: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
