@@ -212,9 +212,55 @@ def test_group_norm_silu_fused_matches_unfused(
     assert rel_err(plain, normed) < 1e-5
 
 
-def test_decoder_fast_path_matches_mlx_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A whole small decoder (upsamples, shortcuts, attention, post_quant_conv) either way."""
-    cfg = VAEConfig.from_dict({"block_out_channels": [16, 32, 32], "latent_channels": 4, "layers_per_block": 1,
+@pytest.mark.parametrize("cin", [12, 8])
+@pytest.mark.parametrize("chunk", [5 * 12, 10**6])
+def test_conv1x1_written_over_its_input(monkeypatch: pytest.MonkeyPatch, cin: int, chunk: int) -> None:
+    """The shortcut written over its own input: the same values as a fresh output, in the input's buffer; chunks
+    of 5 pixels (many, ragged) or one."""
+    monkeypatch.setattr(vae_kernels, "IN_PLACE_CHUNK_FLOATS", chunk)
+    x_values = np.random.default_rng(40).standard_normal((2, 7, 9, cin), dtype=np.float32)
+    weight, bias = random((8, 1, 1, cin), 41), random((8,), 42)
+    expected = np.array(vae_kernels.conv1x1(mx.array(x_values), weight, bias))
+    x = mx.array(x_values) * 1.0  # a computed array, as an activation is
+    mx.eval(x)
+    buffer = np.array(x, copy=False)
+    out = vae_kernels.conv1x1_over_input(x, weight, bias)
+    assert out is not None and out.shape == (2, 7, 9, 8)
+    result = np.array(out, copy=False)
+    assert np.shares_memory(result, buffer)
+    np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(np.array(vae_kernels.compacted(out)), result)
+
+
+def test_conv1x1_over_input_refuses_more_outputs_than_inputs() -> None:
+    x = random((1, 3, 3, 4), 43) * 1.0
+    before = np.array(x)
+    assert vae_kernels.conv1x1_over_input(x, random((6, 1, 1, 4), 44), None) is None
+    assert np.array_equal(np.array(x), before)
+
+
+@pytest.mark.parametrize(("cin", "cout"), [(8, 4), (4, 4), (4, 8)])
+def test_resnet_written_over_a_donated_input(cin: int, cout: int) -> None:
+    """A block given its input writes over it, with the same result as with a fresh output."""
+    block = ResnetBlock(cin, cout, 2)
+    block.conv1.weight, block.conv2.weight = random((cout, 3, 3, cin), 45, 0.2), random((cout, 3, 3, cout), 46, 0.2)
+    if block.has_shortcut:
+        block.conv_shortcut.weight = random((cout, 1, 1, cin), 47)
+    x_values = np.random.default_rng(48).standard_normal((1, 6, 7, cin), dtype=np.float32)
+    kept = np.array(block(mx.array(x_values)))
+    x = mx.array(x_values) * 1.0
+    mx.eval(x)
+    buffer = np.array(x, copy=False)
+    donated = block(x, donate=True)
+    np.testing.assert_allclose(np.array(donated), kept, rtol=1e-5, atol=1e-5)
+    assert np.shares_memory(np.array(donated, copy=False), buffer) == (cout <= cin)
+
+
+@pytest.mark.parametrize("channels", [[16, 32, 32], [16, 16, 32]], ids=["shrinks-last", "shrinks-then-upsamples"])
+def test_decoder_fast_path_matches_mlx_path(monkeypatch: pytest.MonkeyPatch, channels: list[int]) -> None:
+    """A whole small decoder (upsamples, shortcuts, attention, post_quant_conv) either way; a block whose shortcut
+    shrinks the channels written over its input, then copied out before an upsample."""
+    cfg = VAEConfig.from_dict({"block_out_channels": channels, "latent_channels": 4, "layers_per_block": 1,
                                "norm_num_groups": 8, "scaling_factor": 0.3, "shift_factor": 0.1})
     mx.random.seed(0)
     decoder = VAEDecoder(cfg)

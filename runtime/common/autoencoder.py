@@ -150,12 +150,23 @@ class ResnetBlock(nn.Module):
         if in_ch != out_ch:
             self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1)
         self.has_shortcut = in_ch != out_ch
+        #: With ``donate`` on CPU, the output is then a view of the first part of the input's larger buffer.
+        self.shrinks = out_ch < in_ch
 
-    def __call__(self, x: mx.array) -> mx.array:
-        skip = pointwise(self.conv_shortcut, x) if self.has_shortcut else x
+    def __call__(self, x: mx.array, donate: bool = False) -> mx.array:
+        """``donate``: the caller gives ``x`` up (holds no other use of it), so on CPU the block's output is written
+        over ``x``'s buffer: one full activation less at the peak (the shortcut's output lies over its input too)."""
+        if not donate or not vae_kernels.fast_conv(x, self.conv1.weight):
+            skip = pointwise(self.conv_shortcut, x) if self.has_shortcut else x
+            h = self.conv1(x, norm=self.norm1)
+            # A shortcut's output is this block's own: the sum overwrites it (a full activation less at the peak).
+            return self.conv2(h, residual=skip, norm=self.norm2, into_residual=self.has_shortcut)
         h = self.conv1(x, norm=self.norm1)
-        # A shortcut's output is this block's own: the sum overwrites it (a full activation less at the peak).
-        return self.conv2(h, residual=skip, norm=self.norm2, into_residual=self.has_shortcut)
+        if self.has_shortcut:
+            conv = self.conv_shortcut
+            over = vae_kernels.conv1x1_over_input(x, conv.weight, conv.get("bias"))
+            x = pointwise(conv, x) if over is None else over  # None: x's memory is not writable here
+        return self.conv2(h, residual=x, norm=self.norm2, into_residual=True)
 
 
 class AttentionBlock(nn.Module):
@@ -241,7 +252,18 @@ class Decoder(nn.Module):
         for block in self.up_blocks:
             # Layer by layer rather than ``block(x)``, which would keep the block's input alive here through all
             # its layers: at 1024x1024 the last block's input is a 1 GiB activation no layer after the first needs.
+            # The decoder owns each activation, so its ResNet blocks write their outputs over their inputs. A
+            # channel-shrinking block's output then keeps its input's larger buffer: copied out before the
+            # upsample, whose input stays alive beside an output 4x its size.
+            in_larger_buffer = False
             for layer in block.layers:
+                if isinstance(layer, ResnetBlock):
+                    fast = vae_kernels.fast_conv(x, layer.conv1.weight)
+                    x = layer(x, donate=True)
+                    in_larger_buffer = in_larger_buffer or (fast and layer.shrinks)
+                    continue
+                if in_larger_buffer:
+                    x, in_larger_buffer = vae_kernels.compacted(x), False
                 x = layer(x)
             mx.eval(x)  # keep the graph, and so the live activations, to one block
             release_free_memory()

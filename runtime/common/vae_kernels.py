@@ -69,6 +69,9 @@ WINOGRAD_MIN_CIN = 32
 SHIFTED_MAX_COUT = 16
 #: Output pixels per band of the shifted convolution (16-32 rows at 512-1024 wide measured best).
 SHIFTED_BAND_PIXELS = 16 * 1024
+#: Input floats per chunk of a 1x1 convolution over its own input (``conv1x1_over_input``): the chunks run one
+#: after another, each split over the workers.
+IN_PLACE_CHUNK_FLOATS = 8 * 1024 * 1024
 #: Floats per chunk of the GroupNorm passes: small enough to stay in cache between the chained numpy ops.
 NORM_CHUNK = 256 * 1024
 
@@ -471,6 +474,54 @@ def conv1x1(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
     np.matmul(xs, wmat.T, out=flat)
     if bias is not None:
         flat += np.asarray(bias, dtype=np.float32)
+    return out
+
+
+def conv1x1_over_input(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array | None:
+    """A 1x1 convolution into at most as many channels as ``x`` has, written over ``x``'s own buffer (the caller
+    gives ``x`` up): the result is a view of the buffer's first ``pixels * Cout`` floats. None where ``x``'s
+    memory cannot be written in place (then nothing was changed).
+
+    This is how a ResNet block's shortcut avoids a third full activation beside its input and the first
+    convolution's output (at 1024x1024 a FLUX-shaped decoder's 256 -> 128 block holds 1 + 0.5 + 0.5 GiB otherwise).
+    Chunks run in order, each chunk's products taken before it is written back: output floats ``[p0, p1) * Cout``
+    lie over input pixels ``[p0, p1) * Cout / Cin``, all read by then."""
+    b, h, w, cin = x.shape
+    cout = weight.shape[0]
+    if cout > cin:
+        return None
+    mx.eval(x)
+    view = _writable_view(x)
+    if view is None:
+        return None
+    pixels = b * h * w
+    out = x.reshape(-1)[: pixels * cout].reshape(b, h, w, cout)
+    mx.eval(out)
+    source = view.reshape(pixels, cin)
+    dest = view.reshape(-1)[: pixels * cout].reshape(pixels, cout)
+    wmat = np.asarray(weight, dtype=np.float32).reshape(cout, cin).T
+    bias_np = None if bias is None else np.asarray(bias, dtype=np.float32)
+    chunk = max(1, IN_PLACE_CHUNK_FLOATS // cin)
+    products = np.empty((min(chunk, pixels), cout), np.float32)
+    for start in range(0, pixels, chunk):
+        stop = min(pixels, start + chunk)
+        res = products[: stop - start]
+
+        def rows(span: tuple[int, int], start: int = start, res: np.ndarray = res) -> None:
+            np.matmul(source[start + span[0] : start + span[1]], wmat, out=res[span[0] : span[1]])
+
+        run_all(rows, split_work(stop - start, 256), uses_blas=True)
+        if bias_np is not None:
+            res += bias_np
+        dest[start:stop] = res
+    return out
+
+
+def compacted(x: mx.array) -> mx.array:
+    """A copy of ``x`` in a buffer of its own size: for a view that keeps a larger buffer alive (the output of
+    ``conv1x1_over_input``), before the layer that reads it allocates a large output of its own."""
+    out, view = output_buffer(tuple(x.shape))
+    np.copyto(view, _read(x))
     return out
 
 
