@@ -304,3 +304,14 @@ def test_norm_folded_into_the_convolution(monkeypatch: pytest.MonkeyPatch, kerne
     pre = vae_kernels.prenorm(x, norm.weight, norm.bias, norm.groups, norm.eps)
     assert rel_err(kernel(x, conv.weight, conv.bias, None, pre), expected) < 1e-5
     assert rel_err(conv(x, norm=norm), expected) < 1e-5
+
+
+def test_decode_bound_follows_the_kernels_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory plan's decode bound: about two full-resolution activations of the second block's width with the
+    CPU kernels (a 2048x2048 FLUX-VAE decode plans under 10 GB), six with MLX's (over 25 GB)."""
+    cfg = VAEConfig.from_dict({"block_out_channels": [128, 256, 512, 512], "latent_channels": 16,
+                               "layers_per_block": 2, "norm_num_groups": 32, "scaling_factor": 0.3})
+    fast = autoencoder.decode_bytes(cfg, 2048, 2048)
+    assert 2 * 2048 * 2048 * 256 * 4 < fast < 10 * 10**9
+    monkeypatch.setenv(vae_kernels.FAST_CONV_ENV, "0")
+    assert autoencoder.decode_bytes(cfg, 2048, 2048) > 25 * 10**9

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from imgpack.runtime.backend import attention, mx, nn, release_free_memory, silu
+from imgpack.runtime.backend import attention, attention_bytes, mx, nn, release_free_memory, silu
 from imgpack.runtime.common import vae_kernels
 from imgpack.schemas.errors import ImgpackError
 
@@ -268,6 +268,23 @@ class Decoder(nn.Module):
             mx.eval(x)  # keep the graph, and so the live activations, to one block
             release_free_memory()
         return self.conv_out(x, norm=self.conv_norm_out)
+
+
+def decode_bytes(cfg: VAEConfig, width: int, height: int) -> int:
+    """A generous bound on the decoder's working memory for one width x height image, beyond its weights.
+
+    The widest full-resolution activations have the second block's width, in float32. With the CPU kernels the
+    peak holds about two of them (the last upsample's input beside its output; a full-resolution block's input
+    beside its first convolution's output, the rest written in place), plus fixed band buffers: measured with
+    the FLUX VAE's widths, 1.5 KB per output pixel at 512x512 and 1024x1024. MLX's own kernels keep about six
+    (5.6-5.9 KB per pixel). The mid block's attention over the latent pixels comes on top."""
+    pixels = width * height
+    wide = cfg.block_out_channels[min(1, len(cfg.block_out_channels) - 1)]
+    fast = vae_kernels.fast_conv(mx.zeros((1,), dtype=mx.float32))
+    activations = pixels * wide * 4 * (2 if fast else 6)
+    bands = (vae_kernels.BAND_FLOATS + vae_kernels.WINOGRAD_BAND_FLOATS) * 4 if fast else 0
+    latent = pixels // cfg.scale_factor**2
+    return activations + bands + attention_bytes(1, 1, latent, latent)
 
 
 class VAEDecoder(nn.Module):

@@ -20,6 +20,7 @@ from imgpack.architectures import flux2 as arch
 from imgpack.architectures.base import GenerationDefaults
 from imgpack.architectures.flux2 import TEXT_ENCODER_OUT_LAYERS
 from imgpack.runtime.backend import attention_bytes, compute_dtype, mx, nn
+from imgpack.runtime.common.autoencoder import decode_bytes
 from imgpack.runtime.common.loader import Component, ModelSource
 from imgpack.runtime.common.pipeline import (
     GenerationCancelled,
@@ -156,11 +157,7 @@ class Flux2Pipeline(Pipeline):
         # the [attention | mlp] concatenation and the residual. Measured: 24 D per token (M = 3D, 2.8k tokens).
         hidden = batch * seq * 28 * cfg.dim * self.itemsize
         step = attention + hidden
-        # The widest full-resolution decoder activations: about six tensors of the second block's width, in
-        # float32 (measured with the FLUX VAE's widths, which FLUX.2's shares).
-        channels = self.vae_config.decoder.block_out_channels
-        decode = width * height * channels[min(1, len(channels) - 1)] * 4 * 6
-        return max(step, decode + attention_bytes(1, 1, width * height // 64, width * height // 64))
+        return max(step, decode_bytes(self.vae_config.decoder, width, height))
 
     # -- a generation: what is FLUX.2's in the shared loop --------------------------------------------
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from imgpack.architectures import zimage as arch
 from imgpack.runtime.backend import attention_bytes, compute_dtype, mx, nn
-from imgpack.runtime.common.autoencoder import VAEConfig, VAEDecoder
+from imgpack.runtime.common.autoencoder import VAEConfig, VAEDecoder, decode_bytes
 from imgpack.runtime.common.loader import Component, ModelSource
 from imgpack.runtime.common.pipeline import (
     GenerationCancelled,
@@ -100,11 +100,7 @@ class ZImagePipeline(Pipeline):
         attention = attention_bytes(batch, cfg.n_heads, seq, seq)
         hidden = batch * seq * (8 * cfg.dim + 3 * cfg.ffn_dim) * size
         step = attention + hidden
-        pixels = width * height
-        # The widest full-resolution activations: about six tensors of the second block's width, in float32
-        # (measured with the FLUX VAE's widths: 5.6-5.9 KB per output pixel above the weights).
-        decode = pixels * vcfg.block_out_channels[min(1, len(vcfg.block_out_channels) - 1)] * 4 * 6
-        return max(step, decode + attention_bytes(1, 1, pixels // 64, pixels // 64))
+        return max(step, decode_bytes(vcfg, width, height))
 
     # -- a generation: what is Z-Image's in the shared loop ------------------------------------------
 
