@@ -121,7 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if verbose:
         precision = "float32 (weights resident as the memory plan says)" if backend.is_cpu() else "the weights' dtype"
         log(f"mlx {getattr(backend.mx, '__version__', '?')} on {backend.device_name()}, computing in {precision}")
-        log(f"BLAS: {backend.BLAS.describe()}")
+        log(f"BLAS: {backend.BLAS.describe()}; numpy's (the CPU kernels'): {numpy_blas_summary()}")
     if args.ref.startswith(("/", "./", "../", "~")) and Path(args.ref).expanduser().is_dir():
         model = open_directory(Path(args.ref).expanduser(), log=log, keep_loaded=False, force=args.force)
     else:
@@ -159,6 +159,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def numpy_blas_summary() -> str:
+    """numpy's OpenBLAS kernels (the CPU kernels' sgemm), and who chose them."""
+    import os
+
+    from imgpack.runtime.cpu_pool import numpy_blas_core
+
+    core = numpy_blas_core()
+    if core is None:
+        return "not an OpenBLAS (the CPU kernels run their sgemms in the caller, with its threads)"
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    return f"{core} kernels" + (f" (OPENBLAS_CORETYPE={forced})" if forced else "")
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"{'python':<15}{platform.python_version()} ({sys.executable})")
     import importlib.metadata
@@ -180,6 +193,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"{'BLAS':<15}{backend.BLAS.describe()}")
     for note in backend.BLAS.notes if backend.BLAS.library else []:
         print(f"{'':<15}{note}")
+    print(f"{'numpy BLAS':<15}{numpy_blas_summary()}")
     print(f"{'memory':<15}{backend.available_memory() / 1024**3:.1f} GB available")
     gflops = backend.measure_matmul_gflops(args.matmul_size)
     print(f"{'matmul':<15}{gflops:.1f} GFLOP/s (float32 {args.matmul_size}x{args.matmul_size})")

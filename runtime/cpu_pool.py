@@ -83,6 +83,18 @@ def _numpy_blas_calls() -> tuple[Callable[[], int], Callable[[int], None]] | Non
     return None
 
 
+def numpy_blas_core() -> str | None:
+    """The kernel set numpy's OpenBLAS chose on this CPU (``Haswell``, ``SkylakeX``, ...), if it is an OpenBLAS."""
+    for lib in _numpy_blas_libraries():
+        for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename"):
+            function = getattr(lib, name, None)
+            if function is not None:
+                function.argtypes, function.restype = [], ctypes.c_char_p
+                core = function()
+                return core.decode(errors="replace") if core else None
+    return None
+
+
 #: numpy's OpenBLAS ``cblas_sgemm`` as its wheels name it, with the integer width of its arguments.
 _SGEMM_NAMES = (("scipy_cblas_sgemm64_", ctypes.c_int64), ("scipy_cblas_sgemm", ctypes.c_int),
                 ("cblas_sgemm64_", ctypes.c_int64), ("cblas_sgemm", ctypes.c_int))

@@ -3,6 +3,7 @@ being optional (``imgpack --help`` and a clear install hint without MLX)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -129,7 +130,7 @@ def test_verbose_reports_blas_and_memory(cli, tiny_store: Path, tmp_path: Path) 
 
     r = cli("run", "tiny", "a fox", "--size", "32x32", "--steps", "1", "-v", "-o", str(tmp_path / "v.png"))
     assert r.code == 0, r.err
-    assert f"BLAS: {BLAS.describe()}" in r.err
+    assert f"BLAS: {BLAS.describe()}; numpy's (the CPU kernels'): " in r.err
     assert "memory: weights" in r.err and "loaded transformer" in r.err
 
 
@@ -142,8 +143,14 @@ def test_doctor_reports_blas_and_speed(cli) -> None:
     assert float(matmul.split()[1]) > 0
     if sys.platform.startswith("linux"):
         from imgpack.runtime.backend import BLAS
+        from imgpack.runtime.cpu_pool import numpy_blas_core
 
         assert BLAS.describe() in blas
+        numpy_blas = next(line for line in r.out.splitlines() if line.startswith("numpy BLAS"))
+        core = numpy_blas_core()  # numpy's wheels bundle an OpenBLAS on Linux: its kernels are named
+        assert core and f"{core} kernels" in numpy_blas
+        forced = os.environ.get("OPENBLAS_CORETYPE")
+        assert (f"(OPENBLAS_CORETYPE={forced})" in numpy_blas) == bool(forced)
 
 
 def test_linux_loads_openblas_before_mlx() -> None:
