@@ -256,20 +256,24 @@ def test_resnet_written_over_a_donated_input(cin: int, cout: int) -> None:
     assert np.shares_memory(np.array(donated, copy=False), buffer) == (cout <= cin)
 
 
-@pytest.mark.parametrize("channels", [[16, 32, 32], [16, 16, 32]], ids=["shrinks-last", "shrinks-then-upsamples"])
-def test_decoder_fast_path_matches_mlx_path(monkeypatch: pytest.MonkeyPatch, channels: list[int]) -> None:
-    """A whole small decoder (upsamples, shortcuts, attention, post_quant_conv) either way; a block whose shortcut
-    shrinks the channels written over its input, then copied out before an upsample."""
-    cfg = VAEConfig.from_dict({"block_out_channels": channels, "latent_channels": 4, "layers_per_block": 1,
+@pytest.mark.parametrize(("channels", "per_block", "batch"), [
+    ([16, 32, 32], 1, 1), ([16, 16, 32], 1, 1), ([8, 16, 16, 32], 2, 2),
+], ids=["shrinks-last", "shrinks-then-upsamples", "four-blocks-batch-2"])
+def test_decoder_fast_path_matches_mlx_path(monkeypatch: pytest.MonkeyPatch, channels: list[int], per_block: int,
+                                            batch: int) -> None:
+    """A whole small decoder (upsamples, shortcuts, attention, post_quant_conv) either way; blocks whose shortcut
+    shrinks the channels written over their input, then copied out before an upsample."""
+    cfg = VAEConfig.from_dict({"block_out_channels": channels, "latent_channels": 4, "layers_per_block": per_block,
                                "norm_num_groups": 8, "scaling_factor": 0.3, "shift_factor": 0.1})
     mx.random.seed(0)
     decoder = VAEDecoder(cfg)
-    latents = random((1, 4, 7, 9), 19)
+    latents = random((batch, 4, 7, 9), 19)
     fast = decoder(latents)
     monkeypatch.setenv(vae_kernels.FAST_CONV_ENV, "0")
     assert not vae_kernels.fast_conv(latents)
     slow = decoder(latents)
-    assert fast.shape == slow.shape == (1, 28, 36, 3)
+    scale = cfg.scale_factor
+    assert fast.shape == slow.shape == (batch, 7 * scale, 9 * scale, 3)
     assert rel_err(fast, slow) < 1e-5
 
 
