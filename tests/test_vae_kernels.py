@@ -239,6 +239,23 @@ def test_conv1x1_over_input_refuses_more_outputs_than_inputs() -> None:
     assert np.array_equal(np.array(x), before)
 
 
+def test_conv1x1_over_input_refuses_a_copied_slice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should MLX ever copy the slice that is to be the result, nothing is written and None tells the caller."""
+    real = vae_kernels._writable_view
+    seen: list[int] = []
+
+    def second_is_a_copy(array: mx.array):  # noqa: ANN202 - numpy array
+        view = real(array)
+        seen.append(1)
+        return view if len(seen) == 1 or view is None else view.copy()
+
+    monkeypatch.setattr(vae_kernels, "_writable_view", second_is_a_copy)
+    x = random((1, 3, 3, 8), 49) * 1.0
+    before = np.array(x)
+    assert vae_kernels.conv1x1_over_input(x, random((4, 1, 1, 8), 50), None) is None
+    assert np.array_equal(np.array(x), before)
+
+
 @pytest.mark.parametrize(("cin", "cout"), [(8, 4), (4, 4), (4, 8)])
 def test_resnet_written_over_a_donated_input(cin: int, cout: int) -> None:
     """A block given its input writes over it, with the same result as with a fresh output."""

@@ -497,8 +497,11 @@ def conv1x1_over_input(x: mx.array, weight: mx.array, bias: mx.array | None) -> 
     pixels = b * h * w
     out = x.reshape(-1)[: pixels * cout].reshape(b, h, w, cout)
     mx.eval(out)
+    out_view = _writable_view(out)
+    if out_view is None or out_view.ctypes.data != view.ctypes.data:  # MLX copied the slice: not a view of x
+        return None
     source = view.reshape(pixels, cin)
-    dest = view.reshape(-1)[: pixels * cout].reshape(pixels, cout)
+    dest = out_view.reshape(pixels, cout)
     wmat = np.asarray(weight, dtype=np.float32).reshape(cout, cin).T
     bias_np = None if bias is None else np.asarray(bias, dtype=np.float32)
     chunk = max(1, IN_PLACE_CHUNK_FLOATS // cin)
