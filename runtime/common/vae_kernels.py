@@ -1,8 +1,9 @@
 """CPU kernels for the VAE decoder: 3x3 convolutions as large sgemms, the nearest-x2 upsample folded into the
 following convolution, and GroupNorm + SiLU in one pass.
 
-MLX's CPU convolutions do not reach a fast sgemm, and a decode is almost all 3x3 convolutions (about 2.5 TFLOP
-for a FLUX-shaped VAE at 512x512). These kernels run the arithmetic in numpy's bundled OpenBLAS (built for every
+A decode is almost all 3x3 convolutions (about 2.5 TFLOP for a FLUX-shaped VAE at 512x512, direct), which MLX's
+CPU kernels compute in the direct form, below the sgemm rate on some CPUs (``bench/vae_kernels.py`` prints both
+sides per layer). These kernels run the arithmetic in numpy's bundled OpenBLAS (built for every
 x86 microarchitecture, threads included) over the MLX buffers, the way ``backend.attention`` does:
 
 * a 3x3 'same' convolution is one ``[pixels, 9*Cin] x [9*Cin, Cout]`` matmul over an im2col band. The band is
