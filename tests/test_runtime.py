@@ -262,6 +262,24 @@ def test_memory_estimate_refuses_clearly(models) -> None:
     assert need >= sum(weights.values()) and model.keep_text_encoder
 
 
+def test_one_shot_plan_counts_each_network_with_its_own_working_memory(runtime_store) -> None:
+    """`imgpack run` frees each network before the next loads: the steps' working memory is planned beside the
+    transformer, the decode's beside the VAE; with previews the VAE decodes beside the transformer."""
+    model = ZImageModel.open(runtime_store, "zimage-tiny:latest", keep_loaded=False)
+    request = GenerationRequest("x", 256, 256)
+    weights, expanded = model.weight_bytes(), model.expanded_layer_bytes()
+    step, decode = model.step_working_bytes(256, 256, 1), model.decode_working_bytes(256, 256)
+    assert model.activation_bytes(256, 256, 1) == max(step, decode)
+    alone = max(weights["text_encoder"], weights["transformer"] + step, weights["vae"] + decode) + expanded
+    assert model.plan_memory(request, available=0) == alone
+    together = weights["transformer"] + weights["vae"] + max(step, decode) + expanded
+    assert together > alone
+    assert model.plan_memory(request, available=0, previews=True) == together
+    model.plan_memory(request, available=alone)  # fits exactly
+    with pytest.raises(ImgpackError, match="needs about"):
+        model.plan_memory(request, available=together - 1, previews=True)
+
+
 def test_tight_memory_frees_text_encoder(runtime_store) -> None:
     model = ZImageModel.open(runtime_store, "zimage-tiny:latest")
     weights = model.weight_bytes()

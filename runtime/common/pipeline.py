@@ -135,7 +135,9 @@ class MemoryPlan:
     """What the plan assumed, for ``run -v`` and the refusal message."""
 
     weights: dict[str, int]
-    working: int
+    #: Working memory of one denoising step and of the decode (each beyond the weights).
+    step_working: int
+    decode_working: int
     expanded_layer: int
     peak: int
     available: int
@@ -146,7 +148,8 @@ class MemoryPlan:
         parts = ", ".join(f"{name} {size / GB:.2f} ({self.forms.get(name, '?')})"
                           for name, size in self.weights.items())
         return (f"weights {sum(self.weights.values()) / GB:.2f} GB ({parts}), one expanded layer"
-                f" {self.expanded_layer / GB:.2f} GB, working ~{self.working / GB:.2f} GB; peak ~{self.peak / GB:.2f}"
+                f" {self.expanded_layer / GB:.2f} GB, working ~{self.step_working / GB:.2f} GB a step and"
+                f" ~{self.decode_working / GB:.2f} GB the decode; peak ~{self.peak / GB:.2f}"
                 f" GB of {self.available / GB:.2f} GB available")
 
 
@@ -158,13 +161,15 @@ class Pipeline(abc.ABC):
     """A model opened from a source: configs, tokenizer and lazily loaded networks, and one ``generate``.
 
     Subclasses set ``architecture``, declare their components in ``build_components`` and implement
-    ``activation_bytes`` and the four steps of a generation: ``encode_prompts``, ``start_latents``, ``velocity``
-    and ``vae_input``.
+    ``step_working_bytes``, ``decode_working_bytes`` and the four steps of a generation: ``encode_prompts``,
+    ``start_latents``, ``velocity`` and ``vae_input``.
     """
 
     architecture: Architecture
     #: Component names in the order a generation needs them; the text encoder is the one that can be freed early.
     TEXT_ENCODER = "text_encoder"
+    #: The decoder: in one-shot use it is loaded, and works, only once the denoising networks are freed.
+    VAE = "vae"
 
     def __init__(self, source: ModelSource, log: Callable[[str], None] | None = None, keep_loaded: bool = True,
                  force: bool = False) -> None:
@@ -202,8 +207,17 @@ class Pipeline(abc.ABC):
         """The networks, by name, each built from its config (no weights yet)."""
 
     @abc.abstractmethod
+    def step_working_bytes(self, width: int, height: int, batch: int) -> int:
+        """A generous bound on one denoising step's working memory at this size and batch, beyond the weights."""
+
+    @abc.abstractmethod
+    def decode_working_bytes(self, width: int, height: int) -> int:
+        """A generous bound on the VAE decode's working memory for one image of this size, beyond its weights."""
+
     def activation_bytes(self, width: int, height: int, batch: int) -> int:
-        """A bound on working memory for one step and for the decode at this size and batch."""
+        """A bound on working memory for one step and for the decode at this size and batch: the larger (what a
+        server holding every network needs beside the weights)."""
+        return max(self.step_working_bytes(width, height, batch), self.decode_working_bytes(width, height))
 
     @abc.abstractmethod
     def encode_prompts(self, prompts: list[str]) -> Any:
@@ -284,21 +298,29 @@ class Pipeline(abc.ABC):
             return 0
         return max((c.largest_expansion(self.forms[name]) for name, c in self.components.items()), default=0)
 
-    def plan_memory(self, request: GenerationRequest, available: int | None = None) -> int:
-        """Decide whether the text encoder stays loaded; raise (need X GB, have Y GB) if nothing fits."""
+    def plan_memory(self, request: GenerationRequest, available: int | None = None, previews: bool = False) -> int:
+        """Decide whether the text encoder stays loaded; raise (need X GB, have Y GB) if nothing fits.
+        ``previews``: the generation will decode previews between steps (the VAE loaded beside the transformer)."""
         request = self.resolve(request)
         assert request.width and request.height
         have = available_memory() if available is None else available
         weights = self.weight_bytes()
         batch = 2 if self.uses_guidance(request.guidance or 0.0) else 1
-        work = self.activation_bytes(request.width, request.height, batch)
+        step = self.step_working_bytes(request.width, request.height, batch)
+        decode = self.decode_working_bytes(request.width, request.height)
+        work = max(step, decode)
         expanded = self.expanded_layer_bytes()
         what = f"model {self.source.where} at {request.width}x{request.height}"
         text = weights.get(self.TEXT_ENCODER, 0)
         others = {k: v for k, v in weights.items() if k != self.TEXT_ENCODER}
         if not self.keep_loaded:
-            peak = max([text + expanded, *(v + work + expanded for v in others.values())])
-            mode = "one component at a time"
+            # Each network alone, with its own working memory: the steps' beside the transformer, the decode's
+            # beside the VAE (loaded once the transformer is freed), unless previews put both side by side.
+            vae = others.get(self.VAE, 0)
+            alone = [v + (decode if k == self.VAE else step) + expanded for k, v in others.items()]
+            together = [sum(others.values()) + work + expanded] if previews and vae else []
+            peak = max([text + expanded, *alone, *together])
+            mode = "one component at a time" + (", the VAE beside the transformer for previews" if together else "")
         else:
             everything = sum(weights.values()) + work + expanded
             sequential = max(text + expanded, sum(others.values()) + work + expanded)
@@ -307,7 +329,7 @@ class Pipeline(abc.ABC):
             else:
                 self.keep_text_encoder, peak = False, sequential
                 mode = "all resident but the text encoder, freed after encoding"
-        plan = MemoryPlan(weights, work, expanded, peak, have, {k: str(v) for k, v in self.forms.items()},
+        plan = MemoryPlan(weights, step, decode, expanded, peak, have, {k: str(v) for k, v in self.forms.items()},
                           self.keep_text_encoder)
         self.log(f"memory: {plan.describe()} ({mode})")
         if have and peak > have:

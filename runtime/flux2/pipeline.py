@@ -148,16 +148,17 @@ class Flux2Pipeline(Pipeline):
 
     # -- memory --------------------------------------------------------------------------------------
 
-    def activation_bytes(self, width: int, height: int, batch: int) -> int:
-        """A generous bound on working memory for one step and for the decode."""
+    def step_working_bytes(self, width: int, height: int, batch: int) -> int:
         cfg = self.transformer_config
         seq = (height // self.pixel_multiple) * (width // self.pixel_multiple) + TEXT_LENGTH
         attention = attention_bytes(batch, cfg.num_attention_heads, seq, seq)
         # A single-stream block's live tensors: the fused projection (3D + 2M), q/k/v after RoPE, the MLP halves,
         # the [attention | mlp] concatenation and the residual. Measured: 24 D per token (M = 3D, 2.8k tokens).
         hidden = batch * seq * 28 * cfg.dim * self.itemsize
-        step = attention + hidden
-        return max(step, decode_bytes(self.vae_config.decoder, width, height))
+        return attention + hidden
+
+    def decode_working_bytes(self, width: int, height: int) -> int:
+        return decode_bytes(self.vae_config.decoder, width, height)
 
     # -- a generation: what is FLUX.2's in the shared loop --------------------------------------------
 

@@ -91,16 +91,17 @@ class ZImagePipeline(Pipeline):
 
     # -- memory --------------------------------------------------------------------------------------
 
-    def activation_bytes(self, width: int, height: int, batch: int) -> int:
-        """A generous bound on working memory for one step and for the decode."""
+    def step_working_bytes(self, width: int, height: int, batch: int) -> int:
         cfg, vcfg = self.transformer_config, self.vae_config
         tokens = (height // (vcfg.scale_factor * cfg.patch_size)) * (width // (vcfg.scale_factor * cfg.patch_size))
         seq = tokens + MAX_SEQUENCE_LENGTH + 2 * SEQ_MULTIPLE
         size = self.itemsize
         attention = attention_bytes(batch, cfg.n_heads, seq, seq)
         hidden = batch * seq * (8 * cfg.dim + 3 * cfg.ffn_dim) * size
-        step = attention + hidden
-        return max(step, decode_bytes(vcfg, width, height))
+        return attention + hidden
+
+    def decode_working_bytes(self, width: int, height: int) -> int:
+        return decode_bytes(self.vae_config, width, height)
 
     # -- a generation: what is Z-Image's in the shared loop ------------------------------------------
 
