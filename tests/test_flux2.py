@@ -27,7 +27,9 @@ from fixtures_runtime import MODELS, load_reference  # noqa: E402
 
 from imgpack.architectures import flux2 as flux2_arch  # noqa: E402
 from imgpack.architectures import zimage as zimage_arch  # noqa: E402
+from imgpack.runtime import cpu_pool  # noqa: E402
 from imgpack.runtime.backend import mx, nn  # noqa: E402
+from imgpack.runtime.common import vae_kernels  # noqa: E402
 from imgpack.runtime.common.loader import ModelSource, flatten_params, to_mlx_shape  # noqa: E402
 from imgpack.runtime.common.qwen3 import Qwen3Config, Qwen3TextEncoder  # noqa: E402
 from imgpack.runtime.common.scheduler import compute_empirical_mu  # noqa: E402
@@ -619,6 +621,25 @@ def test_real_configs_plan_and_size(size: str, transformer_gb: float, text_encod
     assert stored["vae"] == expanded["vae"]
     # This 24 GB machine cannot hold both networks in float32, so the plan keeps them as stored.
     assert model.weight_bytes() == {name: c.resident_bytes(model.forms[name]) for name, c in model.components.items()}
+
+
+@pytest.mark.parametrize(("size", "planned"), [
+    ("4B", {(False, 512): 9.0, (False, 1024): 10.1, (True, 512): 16.5, (True, 1024): 18.2}),
+    ("9B", {(False, 512): 20.1, (False, 1024): 21.5, (True, 512): 33.3, (True, 1024): 35.0}),
+])
+def test_real_configs_memory_plan(monkeypatch: pytest.MonkeyPatch, size: str,
+                                  planned: dict[tuple[bool, int], float]) -> None:
+    """The plan the README quotes for the real 4B/9B configs kept as stored (bf16 linear weights) on a 2-core CPU:
+    `run` (each network alone, with its own working memory) and `serve` (all resident), in GB."""
+    if not vae_kernels.fast_conv(mx.zeros((1,))):
+        pytest.skip("the figures are the CPU kernels' (MLX's own decode is planned at six activations)")
+    monkeypatch.setenv(cpu_pool.THREADS_ENV, "2")  # attention's score blocks in flight: one set per worker
+    for (keep_loaded, side), gb in planned.items():
+        model = config_only_model(real_configs(size))
+        model.keep_loaded = keep_loaded
+        model.forms = {"text_encoder": "stored", "transformer": "stored", "vae": "float32"}
+        peak = model.plan_memory(GenerationRequest("x", side, side), available=0)
+        assert peak / 1e9 == pytest.approx(gb, abs=0.05), (keep_loaded, side)
 
 
 # -- shared pieces -------------------------------------------------------------------------------------------
