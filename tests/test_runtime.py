@@ -262,6 +262,22 @@ def test_memory_estimate_refuses_clearly(models) -> None:
     assert need >= sum(weights.values()) and model.keep_text_encoder
 
 
+def test_parallel_load_gives_the_weights_of_a_serial_one(runtime_store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensors load on the CPU workers: every parameter is the one a load in the calling thread gives."""
+    from imgpack.runtime import cpu_pool
+    from imgpack.runtime.common.loader import flatten_params
+
+    def weights(threads: str) -> dict[str, np.ndarray]:
+        monkeypatch.setenv(cpu_pool.THREADS_ENV, threads)
+        model = ZImageModel.open(runtime_store, "zimage-tiny:latest", keep_loaded=False)
+        return {k: np.array(v) for k, v in flatten_params(model.load_transformer().parameters()).items()}
+
+    serial, parallel = weights("1"), weights("2")
+    assert serial.keys() == parallel.keys() and len(serial) > 20
+    for name, value in serial.items():
+        assert np.array_equal(value, parallel[name]), name
+
+
 def test_one_shot_plan_counts_each_network_with_its_own_working_memory(runtime_store) -> None:
     """`imgpack run` frees each network before the next loads: the steps' working memory is planned beside the
     transformer, the decode's beside the VAE; with previews the VAE decodes beside the transformer."""
