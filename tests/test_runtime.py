@@ -416,3 +416,11 @@ def test_blob_disagreeing_with_manifest_is_named(runtime_store, edit_manifest) -
     model = ZImageModel.open(runtime_store, ref)
     with pytest.raises(ImgpackError, match=r"'transformer/t_embedder\.mlp\.0\.bias': blob holds shape \[64, 64\]"):
         model.load_transformer()
+
+
+def test_threaded_load_only_where_mlx_evaluates_from_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgpack.runtime.common import loader
+
+    for version, expected in (("0.31.1", False), ("0.31.2", True), ("0.32.4", True), ("1.0.0", True), ("dev", False)):
+        monkeypatch.setattr(loader.mx, "__version__", version, raising=False)
+        assert loader._threaded_eval() is expected, version

@@ -372,9 +372,9 @@ class Component:
             p = plans[i]
             loaded[i] = self._arrays(p, form, p.param in quantized, cast.get(p.param))
 
-        if is_cpu():
+        if is_cpu() and _threaded_eval():
             run_all(load_one, range(len(plans)))
-        else:  # MLX's GPU streams are not to be fed from several threads
+        else:  # MLX's GPU streams (and an MLX before 0.31.2) are not to be fed from several threads
             for i in range(len(plans)):
                 load_one(i)
         model.load_weights([weight for part in loaded for weight in part], strict=True)
@@ -404,6 +404,15 @@ class Component:
         array = array.astype(keep_dtype if keep_dtype is not None else dtype)
         mx.eval(array)
         return [(p.param, array)]
+
+
+def _threaded_eval() -> bool:
+    """Whether this MLX evaluates safely from several threads (0.31.2 and later)."""
+    try:
+        version = tuple(int(part) for part in getattr(mx, "__version__", "").split(".")[:3])
+    except (AttributeError, ValueError):
+        return False
+    return version >= (0, 31, 2)
 
 
 def _itemsize(dtype: mx.Dtype) -> int:
