@@ -161,8 +161,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def numpy_blas_summary() -> str:
     """numpy's OpenBLAS kernels (the CPU kernels' sgemm), and who chose them."""
-    import os
-
     from imgpack.runtime.cpu_pool import numpy_blas_core
 
     core = numpy_blas_core()

@@ -410,7 +410,7 @@ def _threaded_eval() -> bool:
     """Whether this MLX evaluates safely from several threads (0.31.2 and later)."""
     try:
         version = tuple(int(part) for part in getattr(mx, "__version__", "").split(".")[:3])
-    except (AttributeError, ValueError):
+    except ValueError:
         return False
     return version >= (0, 31, 2)
 
